@@ -1,0 +1,174 @@
+"""IGNN (EDSR + one graph aggregation block) and the EDSR baseline (spec section 7)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .imresize import imresize
+from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGEmbedding, conv,
+                      conv_block)
+
+SCALES = (2, 3, 4)
+
+
+def graph_scale(scale: int) -> int:
+    """The internal GA scale s: 2 for x4, else the model scale (spec notation)."""
+    return 2 if scale == 4 else scale
+
+
+def check_image(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a ValueError unless x is a (B, 3, H, W) float tensor in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be (B, 3, H, W) float RGB in [0, 1]; got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be (B, 3, H, W) float RGB in [0, 1]; got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be (B, 3, H, W) with B, H, W >= 1; got {tuple(x.shape)}")
+    if not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(x.detach())
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError(f"{name} holds NaN or inf values")
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{name} must be RGB in [0, 1]; got values in "
+                             f"[{lo.item():.4g}, {hi.item():.4g}] (divide 8-bit images by 255)")
+
+
+def _reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """Reflect-pad at the bottom/right by any amount (repeated reflections; replicate for
+    a single row or column, which has nothing to reflect)."""
+    while bottom > 0 or right > 0:
+        h, w = x.shape[-2:]
+        db = min(bottom, h - 1) if h > 1 else 0
+        dr = min(right, w - 1) if w > 1 else 0
+        if db == 0 and dr == 0:
+            return F.pad(x, (0, right, 0, bottom), mode="replicate")
+        x = F.pad(x, (0, dr, 0, db), mode="reflect")
+        bottom, right = bottom - db, right - dr
+    return x
+
+
+class IGNN(nn.Module):
+    """Cross-scale internal graph neural network for image super-resolution.
+
+    forward(x, x_son=None): x (B, 3, H, W) RGB in [0, 1], any H, W >= 1 -> (B, 3, S*H, S*W).
+    x_son, the LR image downscaled by s (S = 4 -> s = 2, else s = S), defaults to
+    `imresize(x, 1/s)` clamped to [0, 1]. Inputs whose size the graph aggregation cannot
+    take (H, W not divisible by s, or LR/s smaller than a patch) are reflect-padded at the
+    bottom/right and the output is cropped back.
+    """
+
+    def __init__(self, scale: int = 4, n_feats: int = 256, n_resblocks: int = 32,
+                 res_scale: float = 0.1, k: int = 5, patch_size: int = 3, stride: int = 2,
+                 window: int = 30):
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}; got {scale}")
+        if window * window < k:
+            raise ValueError(f"a {window}x{window} window holds fewer than k = {k} candidates")
+        if n_resblocks < 2 or n_resblocks % 2:
+            raise ValueError(f"n_resblocks must be an even number >= 2; got {n_resblocks}")
+        self.config = dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks,
+                           res_scale=res_scale, k=k, patch_size=patch_size, stride=stride,
+                           window=window)
+        self.scale = scale
+        self.graph_scale = s = graph_scale(scale)
+        self.patch_size = patch_size
+        half = n_resblocks // 2
+        C = n_feats
+        self.sub_mean = MeanShift(255.0, EDSR_RGB_MEAN, sign=-1)  # works on 255 * x
+        self.add_mean = MeanShift(255.0, EDSR_RGB_MEAN, sign=1)
+        self.vggnet = VGGEmbedding()
+        self.head = conv_block(3, C, 3)
+        self.body1 = nn.Sequential(*[ResBlock(C, 3, res_scale) for _ in range(half)])
+        self.gcn = GraphAggregation(C, s, k, patch_size, stride, window)
+        self.fuse_b = nn.Sequential(conv_block(2 * C, C, 3, relu=True), conv_block(C, C, 3))
+        self.body2 = nn.Sequential(*[ResBlock(C, 3, res_scale) for _ in range(half)],
+                                   conv_block(C, C, 3))
+        self.upsample = nn.Sequential(conv(C, C * s * s, 3), nn.PixelShuffle(s))
+        self.fuse_up = nn.Sequential(conv_block(2 * C, C, 3, relu=True),
+                                     conv_block(C, C, 3, relu=True))
+        if scale == 4:
+            self.tail = nn.Sequential(nn.Sequential(conv(C, 4 * C, 3), nn.PixelShuffle(2)),
+                                      conv_block(C, 3, 3))
+        else:
+            self.tail = nn.Sequential(conv(C, 3, 3))
+        self._register_load_state_dict_pre_hook(drop_embedcnn_alias)
+
+    def valid_size(self, h: int, w: int) -> tuple[int, int]:
+        """The smallest (H', W') >= (h, w) the graph aggregation accepts: divisible by s,
+        with a son grid of at least ceil(sqrt(k)) patches a side, so every query has k
+        candidates."""
+        s = self.graph_scale
+        side = math.isqrt(self.gcn.k - 1) + 1  # ceil(sqrt(k))
+        least = s * (self.patch_size + self.gcn.stride * (side - 1))
+        return max(-(-h // s) * s, least), max(-(-w // s) * s, least)
+
+    def forward(self, x: torch.Tensor, x_son: torch.Tensor | None = None) -> torch.Tensor:
+        check_image(x)
+        s = self.graph_scale
+        B, _, H, W = x.shape
+        Hp, Wp = self.valid_size(H, W)
+        if x_son is None:
+            x = _reflect_pad(x, Hp - H, Wp - W)
+            x_son = imresize(x, size=(Hp // s, Wp // s)).clamp(0, 1)
+        else:
+            check_image(x_son, "x_son")
+            if (Hp, Wp) != (H, W):
+                raise ValueError(f"x_son can only be given with an input of a valid size; "
+                                 f"x {tuple(x.shape)} would need padding to {(Hp, Wp)}")
+            if tuple(x_son.shape) != (B, 3, H // s, W // s):
+                raise ValueError(f"x_son must be (B, 3, H/s, W/s) = {(B, 3, H // s, W // s)} "
+                                 f"for s = {s}; got {tuple(x_son.shape)}")
+        ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
+        x0 = self.head(self.sub_mean(255.0 * x))
+        x1 = self.body1(x0)
+        x1_lr, x1_hr = self.gcn(x1, ye, xe)
+        x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
+        x2 = self.body2(x1) + x0
+        u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
+        y = self.add_mean(self.tail(u)) / 255.0
+        return y[..., : self.scale * H, : self.scale * W]
+
+
+def drop_embedcnn_alias(state_dict, prefix, *args):
+    """Released checkpoints repeat the VGG weights as `graph.embedcnn.*`: keep one copy."""
+    alias = prefix + "graph.embedcnn."
+    for key in [key for key in state_dict if key.startswith(alias)]:
+        own = prefix + "vggnet." + key[len(alias):]
+        value = state_dict.pop(key)
+        state_dict.setdefault(own, value)
+
+
+class EDSR(nn.Module):
+    """EDSR with the official EDSR-PyTorch key names (`sub_mean`, `head`, `body`, `tail`,
+    `add_mean`): x (B, 3, H, W) RGB in [0, 1] -> (B, 3, S*H, S*W)."""
+
+    def __init__(self, scale: int = 4, n_feats: int = 256, n_resblocks: int = 32,
+                 res_scale: float = 0.1):
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}; got {scale}")
+        self.config = dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks,
+                           res_scale=res_scale)
+        self.scale = scale
+        C = n_feats
+        self.sub_mean = MeanShift(255.0, EDSR_RGB_MEAN, sign=-1)  # works on 255 * x
+        self.add_mean = MeanShift(255.0, EDSR_RGB_MEAN, sign=1)
+        self.head = nn.Sequential(conv(3, C, 3))
+        self.body = nn.Sequential(*[ResBlock(C, 3, res_scale) for _ in range(n_resblocks)],
+                                  conv(C, C, 3))
+        if scale == 3:
+            upsampler = [conv(C, 9 * C, 3), nn.PixelShuffle(3)]
+        else:
+            upsampler = [layer for _ in range(scale // 2)
+                         for layer in (conv(C, 4 * C, 3), nn.PixelShuffle(2))]
+        self.tail = nn.Sequential(nn.Sequential(*upsampler), conv(C, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image(x)
+        x = self.head(self.sub_mean(255.0 * x))
+        return self.add_mean(self.tail(self.body(x) + x)) / 255.0

@@ -1,0 +1,114 @@
+"""Building blocks of IGNN and EDSR, named like the released code so checkpoints load as is."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+EDSR_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    """The 'same'-padded convolution with bias used everywhere in EDSR and IGNN."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2)
+
+
+def conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+               relu: bool = False) -> nn.Sequential:
+    """conv [+ ReLU] wrapped in a Sequential: the released 'BasicBlock' (keys `<name>.0.*`)."""
+    layers = [conv(in_channels, out_channels, kernel_size, stride)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class MeanShift(nn.Conv2d):
+    """A frozen 1x1 convolution: sign * rgb_range * mean is added, then divided by std, per
+    channel (EDSR's MeanShift; weight diag(1/std), bias sign * rgb_range * mean / std)."""
+
+    def __init__(self, rgb_range: float, mean, std=(1.0, 1.0, 1.0), sign: int = -1):
+        super().__init__(3, 3, 1)
+        std_t = torch.tensor(std)
+        self.weight.data = torch.diag(1.0 / std_t).view(3, 3, 1, 1)
+        self.bias.data = sign * rgb_range * torch.tensor(mean) / std_t
+        self.requires_grad_(False)
+
+
+class ResBlock(nn.Module):
+    """conv, ReLU, conv, times res_scale, plus the input (keys `body.0`, `body.2`)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, res_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(conv(channels, channels, kernel_size), nn.ReLU(inplace=True),
+                                  conv(channels, channels, kernel_size))
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) * self.res_scale
+
+
+class VGGEmbedding(nn.Module):
+    """VGG19 relu1_2 on ImageNet-normalised RGB in [0, 1]: the frozen 64-channel embedding
+    used for matching (spec section 1). Keys `sub_mean.*`, `model.{0,2}.*`."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub_mean = MeanShift(1.0, IMAGENET_MEAN, IMAGENET_STD)
+        self.model = nn.Sequential(conv(3, 64, 3), nn.ReLU(inplace=True), conv(64, 64, 3),
+                                   nn.ReLU(inplace=True))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.sub_mean(x))
+
+
+def edge_conditioned_net(channels: int = 64) -> nn.Sequential:
+    """ECN (spec section 5): conv1x1, ResBlock of 1x1 convs (x0.1), conv1x1 to one logit."""
+    return nn.Sequential(conv_block(channels, channels, 1), ResBlock(channels, 1, 0.1),
+                         conv_block(channels, 1, 1))
+
+
+class GraphAggregation(nn.Module):
+    """Cross-scale graph aggregation (spec sections 3-6): matches every LR query patch to
+    its k nearest son patches, aggregates the AdaPN-normalised s-times larger blocks of F
+    with edge-conditioned weights, at HR (x1_hr) and, through the DEN, at LR (x1_lr).
+
+    Ranks are processed one at a time, so inference memory does not grow with k.
+    """
+
+    def __init__(self, n_feats: int, scale: int, k: int = 5, patch_size: int = 3,
+                 stride: int = 2, window: int = 30, embed_channels: int = 64):
+        super().__init__()
+        self.scale, self.k, self.patch, self.stride, self.window = scale, k, patch_size, stride, window
+        self.knn_downsample = nn.Sequential(  # DEN: HR -> LR, shared over ranks
+            conv_block(n_feats, n_feats, 5, stride=scale, relu=True),
+            conv_block(n_feats, n_feats, 3, relu=True),
+            conv_block(n_feats, n_feats, 3))
+        self.weightnet_lr = edge_conditioned_net(embed_channels)
+        self.weightnet_hr = edge_conditioned_net(embed_channels)
+
+    def _logits(self, net: nn.Sequential, edges: torch.Tensor) -> torch.Tensor:
+        """Per-rank ECN: edges (B, k, E, h, w) -> logits (B, k, h, w)."""
+        B, k, E, h, w = edges.shape
+        return net(edges.reshape(B * k, E, h, w)).view(B, k, h, w)
+
+    def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
+        s, p, t = self.scale, self.patch, self.stride
+        B, C, H, W = feat.shape
+        _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
+        diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
+        edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
+        edges_lr = nn.functional.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
+        w_hr = torch.softmax(self._logits(self.weightnet_hr, edges_hr).float(), 1)  # (B, k, sH, sW)
+        w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
+        query = ops.query_stats(feat, p, t)  # (B, C, M) each
+        key = ops.key_stats(feat, s, p, t)  # (B, C, N) each
+        x1_hr = x1_lr = 0
+        for r in range(self.k):
+            knn_hr = ops.patch_aggregate(feat, idx[:, :, r:r + 1], query, key, s, p, t)[:, 0]
+            x1_hr = x1_hr + w_hr[:, r:r + 1].to(feat.dtype) * knn_hr  # (B, C, sH, sW)
+            x1_lr = x1_lr + w_lr[:, r:r + 1].to(feat.dtype) * self.knn_downsample(knn_hr)
+        return x1_lr, x1_hr

@@ -1,0 +1,122 @@
+"""The IGNN and EDSR modules: shapes, sizes, errors, and GA wiring against reference/."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ignn_triton.reference as R
+from ignn_triton import EDSR, IGNN, imresize
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_paper_config_has_about_49_5m_trainable_parameters():
+    model = IGNN()
+    assert abs(_trainable(model) - 49.5e6) < 0.1e6
+    assert all(not p.requires_grad for p in model.vggnet.parameters())
+    assert not model.sub_mean.weight.requires_grad and not model.add_mean.bias.requires_grad
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (13, 9), (12, 18), (31, 2)])
+def test_output_shape_for_any_input_size(scale, hw):
+    model = IGNN(scale=scale, n_feats=8, n_resblocks=2, window=4).eval()
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 3, scale * hw[0], scale * hw[1])
+    assert torch.isfinite(y).all()
+
+
+def test_explicit_son_image_equals_the_default():
+    torch.manual_seed(0)
+    model = IGNN(scale=2, n_feats=8, n_resblocks=2, window=30).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        full = model(x)
+        explicit = model(x, imresize(x, 0.5).clamp(0, 1))
+    torch.testing.assert_close(full, explicit)
+
+
+def _reference_ga(gcn, feat, ye, xe):
+    """GA assembled from reference/ in float64, with the module's own ECN and DEN."""
+    s, k = gcn.scale, gcn.k
+    B, C, H, W = feat.shape
+    _, idx = R.patch_knn(ye, xe, k, s, gcn.window)
+    d_hr = R.fold_edges(R.edge_features(ye, xe, idx), (H, W), s)  # (B, k, 64, sH, sW)
+    d_lr = F.avg_pool2d(d_hr.flatten(0, 1), s)
+    l_hr = gcn.weightnet_hr(d_hr.flatten(0, 1)).view(B, k, s * H, s * W)
+    l_lr = gcn.weightnet_lr(d_lr).view(B, k, H, W)
+    knn = R.aggregate(feat, idx, s)  # (B, k, C, sH, sW)
+    den = gcn.knn_downsample(knn.flatten(0, 1)).view(B, k, C, H, W)
+    return R.weighted_sum(den, l_lr), R.weighted_sum(knn, l_hr)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_graph_aggregation_matches_reference(scale):
+    torch.manual_seed(scale)
+    model = IGNN(scale=scale, n_feats=6, n_resblocks=2, window=3).double().eval()
+    s = model.graph_scale
+    x = torch.rand(1, 3, 6 * s, 5 * s, dtype=torch.float64)
+    ye = model.vggnet(x)
+    xe = model.vggnet(imresize(x, 1 / s).clamp(0, 1))
+    feat = torch.randn(1, 6, 6 * s, 5 * s, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model.gcn(feat, ye, xe)
+        ref = _reference_ga(model.gcn, feat, ye, xe)
+    torch.testing.assert_close(ours[0], ref[0])
+    torch.testing.assert_close(ours[1], ref[1])
+
+
+def test_training_step_gives_finite_gradients_to_every_trainable_parameter():
+    torch.manual_seed(1)
+    model = IGNN(scale=2, n_feats=8, n_resblocks=2, window=4)
+    x, target = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 24, 24)
+    (model(x) - target).abs().mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.rand(3, 8, 8), r"\(B, 3, H, W\).*got \(3, 8, 8\)"),
+    (torch.rand(1, 1, 8, 8), r"got \(1, 1, 8, 8\)"),
+    (torch.randint(0, 255, (1, 3, 8, 8)), "dtype torch.int64"),
+    (torch.rand(1, 3, 8, 8) * 255, r"in \[0, 1\].*divide 8-bit images by 255"),
+    (torch.full((1, 3, 8, 8), float("nan")), "NaN"),
+    (torch.rand(1, 3, 0, 8), "H, W >= 1"),
+])
+def test_bad_input_is_refused(x, match):
+    model = IGNN(scale=2, n_feats=4, n_resblocks=2, window=4)
+    with pytest.raises(ValueError, match=match):
+        model(x)
+
+
+def test_bad_x_son_is_refused():
+    model = IGNN(scale=2, n_feats=4, n_resblocks=2, window=4)
+    with pytest.raises(ValueError, match=r"x_son must be \(B, 3, H/s, W/s\) = \(1, 3, 8, 8\)"):
+        model(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 5, 6))
+    with pytest.raises(ValueError, match=r"would need padding to \(18, 16\)"):
+        model(torch.rand(1, 3, 17, 16), torch.rand(1, 3, 8, 8))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="scale must be one of"):
+        IGNN(scale=5)
+    with pytest.raises(ValueError, match="window holds fewer than k"):
+        IGNN(k=5, window=2)
+    with pytest.raises(ValueError, match="even number"):
+        IGNN(n_resblocks=3)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_edsr_output_shape_and_bicubic_like_init(scale):
+    model = EDSR(scale, n_feats=8, n_resblocks=2, res_scale=1.0).eval()
+    x = torch.rand(1, 3, 7, 9)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 3, 7 * scale, 9 * scale) and torch.isfinite(y).all()

@@ -1,0 +1,140 @@
+"""The torch (CPU) path of ignn_triton.ops against reference/, in float64."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ignn_triton.reference as R
+from ignn_triton import ops
+from ignn_triton.geometry import graph_geometry
+
+
+@st.composite
+def graph_case(draw):
+    s = draw(st.sampled_from([2, 3]))
+    # LR sizes: multiples of s whose son map is at least 3 wide, odd grids included
+    H = s * draw(st.integers(3, 9))
+    W = s * draw(st.integers(3, 9))
+    window = draw(st.integers(1, 6))
+    geo = graph_geometry(H, W, s, window=window)
+    k = draw(st.integers(1, min(8, geo.num_candidates)))
+    B = draw(st.integers(1, 2))
+    E = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2 ** 16))
+    return B, E, H, W, s, window, k, seed
+
+
+def _inputs(B, E, H, W, s, seed, C=None):
+    g = torch.Generator().manual_seed(seed)
+    ye = torch.randn(B, E, H, W, generator=g, dtype=torch.float64)
+    xe = torch.randn(B, E, H // s, W // s, generator=g, dtype=torch.float64)
+    feat = torch.randn(B, C or E + 2, H, W, generator=g, dtype=torch.float64)
+    return ye, xe, feat
+
+
+@settings(max_examples=40, deadline=None)
+@given(graph_case())
+def test_patch_knn_and_edges_match_reference(case):
+    B, E, H, W, s, window, k, seed = case
+    ye, xe, _ = _inputs(B, E, H, W, s, seed)
+    dist, idx = ops.patch_knn(ye, xe, k, s, window)
+    ref_dist, ref_idx = R.patch_knn(ye, xe, k, s, window)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-6, atol=1e-6)
+    assert torch.equal(idx, ref_idx)  # float64 distances: no near-ties on random data
+    diff = ops.edge_features(ye, xe, idx, s)
+    torch.testing.assert_close(diff, R.edge_features(ye, xe, idx), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.fold_edges(diff, (H, W), s),
+                               R.fold_edges(diff, (H, W), s), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(graph_case(), st.integers(1, 7))
+def test_stats_and_aggregate_match_reference(case, C):
+    B, E, H, W, s, window, k, seed = case
+    ye, xe, feat = _inputs(B, E, H, W, s, seed, C)
+    _, idx = R.patch_knn(ye, xe, k, s, window)
+    query, key = ops.query_stats(feat), ops.key_stats(feat, s)
+    for got, want in zip(query + key, R.query_stats(feat) + R.key_stats(feat, s)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    knn = ops.patch_aggregate(feat, idx, query, key, s)
+    torch.testing.assert_close(knn, R.aggregate(feat, idx, s), rtol=1e-10, atol=1e-10)
+    logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
+    torch.testing.assert_close(ops.weighted_sum(knn, logits), R.weighted_sum(knn, logits))
+
+
+def test_aggregate_gradients_match_reference():
+    B, C, H, W, s, k = 1, 3, 12, 10, 2, 3
+    ye, xe, feat = _inputs(B, 2, H, W, s, 11, C)
+    _, idx = R.patch_knn(ye, xe, k, s, 3)
+    logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
+
+    def ours(f, lg):
+        knn = ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, s), s)
+        return ops.weighted_sum(knn, lg)
+
+    f1 = feat.clone().requires_grad_()
+    l1 = logits.clone().requires_grad_()
+    f2 = feat.clone().requires_grad_()
+    l2 = logits.clone().requires_grad_()
+    upstream = torch.randn(B, C, s * H, s * W, dtype=torch.float64)
+    (ours(f1, l1) * upstream).sum().backward()
+    (R.weighted_sum(R.aggregate(f2, idx, s), l2) * upstream).sum().backward()
+    torch.testing.assert_close(f1.grad, f2.grad)
+    torch.testing.assert_close(l1.grad, l2.grad)
+    assert torch.autograd.gradcheck(ours, (f1.detach().requires_grad_(), l1.detach().requires_grad_()))
+
+
+def test_knn_chunks_give_the_unchunked_result(monkeypatch):
+    ye, xe, _ = _inputs(1, 3, 30, 26, 2, 5)
+    whole = ops.patch_knn(ye, xe, 4, 2, 4)
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 1)  # one query row and one query per chunk
+    chunked = ops.patch_knn(ye, xe, 4, 2, 4)
+    assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+    _, idx = whole
+    torch.testing.assert_close(ops.edge_features(ye, xe, idx, 2), R.edge_features(ye, xe, idx),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_nan_embedding_ranks_last_and_stays_in_window():
+    ye, xe, _ = _inputs(1, 2, 16, 16, 2, 3)
+    xe[0, 0, 2, 3] = float("nan")  # poisons every son patch that covers it
+    dist, idx = ops.patch_knn(ye, xe, 9, 2, 3)
+    mask = R.window_mask(8, 8, 4, 4, 2, 3)  # (M, N)
+    assert torch.all(mask.gather(1, idx[0]))
+    nan = torch.isnan(dist[0])
+    # NaN distances come after every number in each row
+    for row_nan, row in zip(nan, dist[0]):
+        first = int(row_nan.float().argmax()) if row_nan.any() else 9
+        assert not row_nan[:first].any() and row_nan[first:].all()
+        assert torch.all(row[:first][1:] >= row[:first][:-1])
+    assert nan.any()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda ye, xe: (ye.long(), xe.long()), "float32"),
+    (lambda ye, xe: (ye, xe[:, :1]), "son embedding"),
+    (lambda ye, xe: (ye, xe[:1]), "son embedding"),
+    (lambda ye, xe: (ye[0], xe), r"\(B, E, h, w\)"),
+    (lambda ye, xe: (ye, xe.float()), "share dtype"),
+])
+def test_bad_embeddings_are_refused(bad, match):
+    ye, xe, _ = _inputs(2, 3, 12, 12, 2, 0)
+    with pytest.raises(ValueError, match=match):
+        ops.patch_knn(*bad(ye, xe), 3, 2, 30)
+
+
+def test_k_larger_than_the_window_is_refused():
+    ye, xe, _ = _inputs(1, 3, 12, 12, 2, 0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, wh\*ww\] = \[1, 4\]"):
+        ops.patch_knn(ye, xe, 5, 2, 2)
+
+
+def test_out_of_range_indices_are_refused():
+    ye, xe, feat = _inputs(1, 3, 12, 12, 2, 0)
+    idx = torch.full((1, 36, 2), 9, dtype=torch.int64)  # N = 9
+    with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
+        ops.edge_features(ye, xe, idx, 2)
+    with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
+        ops.patch_aggregate(feat, idx, ops.query_stats(feat), ops.key_stats(feat, 2), 2)
+    with pytest.raises(ValueError, match="int64"):
+        ops.edge_features(ye, xe, idx.int(), 2)
