@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .imresize import imresize
 from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGEmbedding, conv,
                       conv_block)
+from .profiling import stage
 
 SCALES = (2, 3, 4)
 
@@ -123,14 +124,21 @@ class IGNN(nn.Module):
             if tuple(x_son.shape) != (B, 3, H // s, W // s):
                 raise ValueError(f"x_son must be (B, 3, H/s, W/s) = {(B, 3, H // s, W // s)} "
                                  f"for s = {s}; got {tuple(x_son.shape)}")
-        ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
-        x0 = self.head(self.sub_mean(255.0 * x))
-        x1 = self.body1(x0)
+        with stage("ignn/embed"):
+            ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
+        with stage("ignn/head"):
+            x0 = self.head(self.sub_mean(255.0 * x))
+        with stage("ignn/body1"):
+            x1 = self.body1(x0)
         x1_lr, x1_hr = self.gcn(x1, ye, xe)
-        x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
-        x2 = self.body2(x1) + x0
-        u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
-        y = self.add_mean(self.tail(u)) / 255.0
+        with stage("ignn/fuse"):
+            x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
+        with stage("ignn/body2"):
+            x2 = self.body2(x1) + x0
+        with stage("ignn/upsample"):
+            u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
+        with stage("ignn/tail"):
+            y = self.add_mean(self.tail(u)) / 255.0
         return y[..., : self.scale * H, : self.scale * W]
 
 

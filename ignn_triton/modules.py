@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
+from .profiling import stage
 
 EDSR_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,17 +100,23 @@ class GraphAggregation(nn.Module):
     def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
         s, p, t = self.scale, self.patch, self.stride
         B, C, H, W = feat.shape
-        _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
-        diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
-        edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
-        edges_lr = nn.functional.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
-        w_hr = torch.softmax(self._logits(self.weightnet_hr, edges_hr).float(), 1)  # (B, k, sH, sW)
-        w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
-        query = ops.query_stats(feat, p, t)  # (B, C, M) each
-        key = ops.key_stats(feat, s, p, t)  # (B, C, N) each
+        with stage("ignn/knn"):
+            _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
+        with stage("ignn/edges"):
+            diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
+            edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
+            edges_lr = F.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
+        with stage("ignn/ecn"):
+            w_hr = torch.softmax(self._logits(self.weightnet_hr, edges_hr).float(), 1)  # (B, k, sH, sW)
+            w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
+        with stage("ignn/stats"):
+            query = ops.query_stats(feat, p, t)  # (B, C, M) each
+            key = ops.key_stats(feat, s, p, t)  # (B, C, N) each
         x1_hr = x1_lr = 0
         for r in range(self.k):
-            knn_hr = ops.patch_aggregate(feat, idx[:, :, r:r + 1], query, key, s, p, t)[:, 0]
-            x1_hr = x1_hr + w_hr[:, r:r + 1].to(feat.dtype) * knn_hr  # (B, C, sH, sW)
-            x1_lr = x1_lr + w_lr[:, r:r + 1].to(feat.dtype) * self.knn_downsample(knn_hr)
+            with stage("ignn/aggregate"):
+                knn_hr = ops.patch_aggregate(feat, idx[:, :, r:r + 1], query, key, s, p, t)[:, 0]
+                x1_hr = x1_hr + w_hr[:, r:r + 1].to(feat.dtype) * knn_hr  # (B, C, sH, sW)
+            with stage("ignn/den"):
+                x1_lr = x1_lr + w_lr[:, r:r + 1].to(feat.dtype) * self.knn_downsample(knn_hr)
         return x1_lr, x1_hr

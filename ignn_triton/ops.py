@@ -52,7 +52,8 @@ def _check_idx(idx: torch.Tensor, batch: int, geo: GraphGeometry) -> None:
     if idx.dtype != torch.int64 or idx.dim() != 3 or idx.shape[:2] != (batch, geo.num_queries):
         raise ValueError(f"idx must be int64 (B, M, k) = ({batch}, {geo.num_queries}, k); "
                          f"got {idx.dtype} {tuple(idx.shape)}")
-    if not idx.is_cuda and idx.numel() and (idx.min() < 0 or idx.max() >= geo.num_keys):
+    if (not idx.is_cuda and not torch.compiler.is_compiling() and idx.numel()
+            and (idx.min() < 0 or idx.max() >= geo.num_keys)):
         raise ValueError(f"idx holds son indices outside [0, {geo.num_keys}); "
                          f"got [{int(idx.min())}, {int(idx.max())}]")
 

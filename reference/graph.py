@@ -159,3 +159,23 @@ def aggregate(feat: torch.Tensor, idx: torch.Tensor, scale: int, patch: int = 3,
 def weighted_sum(knn: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """sum_r softmax_r(logits) * knn[:, r]: knn (B, k, C, h, w), logits (B, k, h, w)."""
     return (torch.softmax(logits, dim=1)[:, :, None] * knn).sum(1)
+
+
+def graph_aggregation(feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor, scale: int, k: int,
+                      window: int, weightnet_lr, weightnet_hr, den, patch: int = 3,
+                      stride: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole GA block (spec sections 3-6) the naive way: (x1_lr, x1_hr).
+
+    weightnet_lr / weightnet_hr map (B*k, E, h, w) edge maps to (B*k, 1, h, w) logits and
+    den maps (B*k, C, sH, sW) to (B*k, C, H, W): the block's ECNs and DEN, passed in.
+    """
+    B, C, H, W = feat.shape
+    _, idx = patch_knn(ye.detach(), xe.detach(), k, scale, window, patch, stride)
+    d_hr = fold_edges(edge_features(ye.detach(), xe.detach(), idx, patch, stride), (H, W),
+                      scale, patch, stride).to(feat.dtype)  # (B, k, E, sH, sW)
+    d_lr = F.avg_pool2d(d_hr.flatten(0, 1), scale)  # (B*k, E, H, W)
+    logits_hr = weightnet_hr(d_hr.flatten(0, 1)).view(B, k, scale * H, scale * W)
+    logits_lr = weightnet_lr(d_lr).view(B, k, H, W)
+    knn = aggregate(feat, idx, scale, patch, stride)  # (B, k, C, sH, sW)
+    down = den(knn.flatten(0, 1)).view(B, k, C, H, W)
+    return weighted_sum(down, logits_lr), weighted_sum(knn, logits_hr)
