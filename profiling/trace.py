@@ -1,0 +1,111 @@
+"""torch.profiler view of IGNN: where the time goes, stage by stage.
+
+    python profiling/trace.py [--size 128] [--precision bf16] [--out profiling/results]
+
+Runs two workloads with the stage ranges on (ignn_triton.profiling): (a) inference of
+IGNN x4 on a (1, 3, size, size) input, (b) one mixed-precision training step (B = 16,
+LR 40x40 on CUDA; smaller on CPU). For each it writes a Chrome trace
+(<out>/trace-<workload>.json, open in chrome://tracing or Perfetto) and prints a table of
+time per stage range, plus the top kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import ignn_triton
+from ignn_triton import profiling
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stage_table(prof, device: str) -> str:
+    """Total time per ignn/* range (device time on CUDA, CPU time otherwise)."""
+    rows = []
+    for event in prof.key_averages():
+        if event.key.startswith("ignn/"):
+            cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            total = cuda_us if device == "cuda" else event.cpu_time_total
+            rows.append((event.key, event.count, total / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    unit = "device" if device == "cuda" else "CPU"
+    lines = [f"| stage | calls | {unit} ms |", "|---|---|---|"]
+    lines += [f"| {name} | {count} | {ms:.3f} |" for name, count, ms in rows]
+    return "\n".join(lines)
+
+
+def run(name: str, fn, device: str, out: Path, steps: int) -> str:
+    fn()  # warm-up: compilation, autotuning, cuDNN plans
+    if device == "cuda":
+        torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / f"trace-{name}.json"))
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    kernels = prof.key_averages().table(sort_by=sort, row_limit=15)
+    return f"## {name} ({steps} steps)\n\n{stage_table(prof, device)}\n\n```\n{kernels}\n```\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=None, help="LR side for inference")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    parser.add_argument("--n-feats", type=int, default=None)
+    parser.add_argument("--n-resblocks", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    size = args.size or (128 if cuda else 32)
+    C = args.n_feats or (256 if cuda else 16)
+    blocks = args.n_resblocks or (32 if cuda else 2)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    amp = dict(device_type=args.device, dtype=dtype, enabled=dtype != torch.float32)
+    torch.manual_seed(0)
+    model = ignn_triton.IGNN(scale=4, n_feats=C, n_resblocks=blocks).to(args.device)
+    profiling.enable_nvtx()
+    x = torch.rand(1, 3, size, size, device=args.device)
+
+    def infer():
+        with torch.inference_mode(), torch.autocast(**amp):
+            model.eval()(x)
+
+    batch, lr = (16, 40) if cuda else (2, 24)
+    xb = torch.rand(batch, 3, lr, lr, device=args.device)
+    target = torch.rand(batch, 3, 4 * lr, 4 * lr, device=args.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler(args.device, enabled=dtype == torch.float16)
+
+    def train():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(**amp):
+            loss = (model(xb).float() - target).abs().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    header = (f"# torch.profiler trace: IGNN x4, C={C}, {blocks} blocks, {precision}, "
+              f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if cuda else "") + "\n\n"
+              f"torch {torch.__version__}\n\n")
+    report = header + run(f"inference-{size}", infer, args.device, args.out, args.steps)
+    report += "\n" + run(f"train-B{batch}-{lr}", train, args.device, args.out, args.steps)
+    (args.out / "trace.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
