@@ -107,16 +107,17 @@ class GraphAggregation(nn.Module):
             edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
             edges_lr = F.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
         with stage("ignn/ecn"):
-            w_hr = torch.softmax(self._logits(self.weightnet_hr, edges_hr).float(), 1)  # (B, k, sH, sW)
+            logits_hr = self._logits(self.weightnet_hr, edges_hr)  # (B, k, sH, sW)
             w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
         with stage("ignn/stats"):
             query = ops.query_stats(feat, p, t)  # (B, C, M) each
             key = ops.key_stats(feat, s, p, t)  # (B, C, N) each
-        x1_hr = x1_lr = 0
-        for r in range(self.k):
+        with stage("ignn/aggregate"):
+            x1_hr = ops.patch_aggregate(feat, idx, query, key, s, p, t, logits=logits_hr)
+        x1_lr = 0
+        for r in range(self.k):  # one rank at a time: the DEN input is (B, C, sH, sW)
             with stage("ignn/aggregate"):
                 knn_hr = ops.patch_aggregate(feat, idx[:, :, r:r + 1], query, key, s, p, t)[:, 0]
-                x1_hr = x1_hr + w_hr[:, r:r + 1].to(feat.dtype) * knn_hr  # (B, C, sH, sW)
             with stage("ignn/den"):
                 x1_lr = x1_lr + w_lr[:, r:r + 1].to(feat.dtype) * self.knn_downsample(knn_hr)
         return x1_lr, x1_hr

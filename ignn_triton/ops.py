@@ -60,32 +60,40 @@ def _check_idx(idx: torch.Tensor, batch: int, geo: GraphGeometry) -> None:
 
 # --------------------------------------------------------------------------- patches
 
-def _pad(x: torch.Tensor, geo_h, geo_w, factor: int = 1) -> torch.Tensor:
-    """Zero-pad (B, C, h, w) like the patch grids geo_h/geo_w, paddings times factor."""
-    return F.pad(x, (geo_w.pad_before * factor, geo_w.pad_after * factor,
-                     geo_h.pad_before * factor, geo_h.pad_after * factor))
+def _patches(x: torch.Tensor, patch: int, stride: int, pad_top: int, pad_left: int,
+             grid_h: int, grid_w: int) -> torch.Tensor:
+    """(B, C, patch^2, grid_h * grid_w): the patches of a zero-padded patch grid (a copy:
+    callers bound its size)."""
+    B, C, H, W = x.shape
+    bottom = (grid_h - 1) * stride + patch - pad_top - H
+    right = (grid_w - 1) * stride + patch - pad_left - W
+    padded = F.pad(x, (pad_left, right, pad_top, bottom))
+    return F.unfold(padded, patch, stride=stride).view(B, C, patch * patch, grid_h * grid_w)
 
 
 def _query_patches(ye: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """(B, E, p*p, M) patch vectors of the query grid (a copy: bounded by callers)."""
-    B, E = ye.shape[:2]
-    cols = F.unfold(_pad(ye, geo.query_h, geo.query_w), geo.patch, stride=geo.stride)
-    return cols.view(B, E, geo.patch * geo.patch, geo.num_queries)
+    """(B, E, p*p, M) patch vectors of the query grid."""
+    return _patches(ye, geo.patch, geo.stride, geo.query_h.pad_before, geo.query_w.pad_before,
+                    geo.m1, geo.m2)
 
 
 def _son_patches(xe: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     """(B, E, p*p, N) patch vectors of the son grid."""
-    B, E = xe.shape[:2]
-    cols = F.unfold(_pad(xe, geo.son_h, geo.son_w), geo.patch, stride=geo.stride)
-    return cols.view(B, E, geo.patch * geo.patch, geo.num_keys)
+    return _patches(xe, geo.patch, geo.stride, geo.son_h.pad_before, geo.son_w.pad_before,
+                    geo.n1, geo.n2)
+
+
+def _key_grid(geo: GraphGeometry) -> tuple[int, int, int, int, int, int]:
+    """(patch, stride, pad_top, pad_left, grid_h, grid_w) of the key blocks of F: (p*s)^2
+    blocks at stride t*s over F padded by s x the son grid's padding (spec section 6)."""
+    s = geo.scale
+    return (geo.hr_patch, geo.hr_stride, s * geo.son_h.pad_before, s * geo.son_w.pad_before,
+            geo.n1, geo.n2)
 
 
 def _key_blocks(feat: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """(B, C, (p*s)^2, N): the block of F under each son patch, F padded s x son padding."""
-    B, C = feat.shape[:2]
-    padded = _pad(feat, geo.son_h, geo.son_w, factor=geo.scale)
-    cols = F.unfold(padded, geo.hr_patch, stride=geo.hr_stride)
-    return cols.view(B, C, geo.hr_patch ** 2, geo.num_keys)
+    """(B, C, (p*s)^2, N): the block of F under each son patch."""
+    return _patches(feat, *_key_grid(geo))
 
 
 def _window_candidates(geo: GraphGeometry, rows: range, device):
@@ -235,83 +243,305 @@ def fold_edges(diff: torch.Tensor, lr_hw: tuple[int, int], scale: int = 2, patch
 
 # --------------------------------------------------------------------------- AdaPN
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 accumulation, or fp64 for fp64 inputs (the tests' oracle precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_feat(feat: torch.Tensor) -> None:
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4 or feat.dtype not in _FLOAT_DTYPES:
+        got = f"{feat.dtype} {tuple(feat.shape)}" if isinstance(feat, torch.Tensor) else type(feat)
+        raise ValueError(f"feat must be a float (B, C, H, W) tensor; got {got}")
+
+
 def _stats(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, P, L) -> mean and sqrt(unbiased var + EPS), each (B, C, L); fp32 or better."""
-    work = torch.float64 if blocks.dtype == torch.float64 else torch.float32
-    blocks = blocks.to(work)
+    """(B, C, P, L) -> mean and sqrt(unbiased var + EPS), each (B, C, L); two-pass."""
+    blocks = blocks.to(_work_dtype(blocks))
     mean = blocks.mean(2)
     var = (blocks - mean[:, :, None]).square().sum(2) / (blocks.shape[2] - 1)
     return mean, torch.sqrt(var + EPS)
 
 
+@torch.library.custom_op("ignn::patch_stats", mutates_args=())
+def _patch_stats(feat: torch.Tensor, patch: int, stride: int, pad_top: int, pad_left: int,
+                 grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(feat):
+        return kernels.patch_stats(feat, patch, stride, pad_top, pad_left, grid_h, grid_w)
+    # (B, C, P, L) unfold: 2.25x F for IGNN's grids, bounded and short-lived
+    return _stats(_patches(feat, patch, stride, pad_top, pad_left, grid_h, grid_w))
+
+
+@_patch_stats.register_fake
+def _(feat, patch, stride, pad_top, pad_left, grid_h, grid_w):
+    shape = (feat.shape[0], feat.shape[1], grid_h * grid_w)
+    dtype = _work_dtype(feat)
+    return feat.new_empty(shape, dtype=dtype), feat.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("ignn::patch_stats_backward", mutates_args=())
+def _patch_stats_backward(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                          grad_mean: torch.Tensor, grad_std: torch.Tensor, patch: int,
+                          stride: int, pad_top: int, pad_left: int, grid_h: int,
+                          grid_w: int) -> torch.Tensor:
+    if _use_triton(feat):
+        return kernels.patch_stats_backward(feat, mean, std, grad_mean, grad_std, patch, stride,
+                                            pad_top, pad_left, grid_h, grid_w)
+    # d mean / dx = 1/P, d std / dx = (x - mean) / ((P - 1) std), folded back over the grid
+    blocks = _patches(feat.to(mean.dtype), patch, stride, pad_top, pad_left, grid_h, grid_w)
+    P = blocks.shape[2]
+    cols = (grad_mean[:, :, None] / P
+            + grad_std[:, :, None] * (blocks - mean[:, :, None]) / ((P - 1) * std[:, :, None]))
+    B, C, H, W = feat.shape
+    padded_hw = ((grid_h - 1) * stride + patch, (grid_w - 1) * stride + patch)
+    grad = F.fold(cols.flatten(1, 2), padded_hw, patch, stride=stride)
+    return grad[..., pad_top: pad_top + H, pad_left: pad_left + W].contiguous()
+
+
+@_patch_stats_backward.register_fake
+def _(feat, mean, std, grad_mean, grad_std, patch, stride, pad_top, pad_left, grid_h, grid_w):
+    return feat.new_empty(feat.shape, dtype=mean.dtype)
+
+
+def _patch_stats_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *output)
+    ctx.grid = inputs[1:]
+
+
+def _patch_stats_grad(ctx, grad_mean, grad_std):
+    feat, mean, std = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype)
+    grad_std = torch.zeros_like(std) if grad_std is None else grad_std.to(std.dtype)
+    grad = _patch_stats_backward(feat, mean, std, grad_mean.contiguous(), grad_std.contiguous(),
+                                 *ctx.grid)
+    return (grad.to(feat.dtype),) + (None,) * 6
+
+
+torch.library.register_autograd("ignn::patch_stats", _patch_stats_grad,
+                                setup_context=_patch_stats_setup)
+
+
 def query_stats(feat: torch.Tensor, patch: int = 3, stride: int = 2):
-    """AdaPN statistics of every query patch of F (B, C, H, W): mean, std (B, C, M)."""
+    """AdaPN statistics of every query patch of F (B, C, H, W): mean, std (B, C, M),
+    fp32 (fp64 for fp64 F). Differentiable."""
+    _check_feat(feat)
     geo = graph_geometry(feat.shape[2], feat.shape[3], 1, patch, stride)
-    return _stats(_query_patches(feat, geo))
+    return _patch_stats(feat.contiguous(), patch, stride, geo.query_h.pad_before,
+                        geo.query_w.pad_before, geo.m1, geo.m2)
 
 
 def key_stats(feat: torch.Tensor, scale: int = 2, patch: int = 3, stride: int = 2):
-    """AdaPN statistics of every key block of F, once per son patch: mean, std (B, C, N)."""
+    """AdaPN statistics of every key block of F, once per son patch: mean, std (B, C, N).
+    Differentiable."""
+    _check_feat(feat)
     geo = graph_geometry(feat.shape[2], feat.shape[3], scale, patch, stride)
-    return _stats(_key_blocks(feat, geo))
-
-
-def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, query: tuple, key: tuple,
-                    scale: int = 2, patch: int = 3, stride: int = 2) -> torch.Tensor:
-    """knn_hr (B, k, C, sH, sW): each neighbour's key block of F normalised to its query's
-    statistics (AdaPN), folded onto the HR grid with overlap averaging (spec section 6).
-
-    query = (mean, std) (B, C, M) and key = (mean, std) (B, C, N) from query_stats and
-    key_stats. Channels are processed in chunks so temporaries stay bounded; the result
-    is in feat's dtype, computed in fp32 or better.
-    """
-    if feat.dim() != 4 or feat.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"feat must be a float (B, C, H, W) tensor; got {feat.dtype} "
-                         f"{tuple(feat.shape)}")
-    B, C, H, W = feat.shape
-    geo = graph_geometry(H, W, scale, patch, stride)
-    _check_idx(idx, B, geo)
-    k = idx.shape[2]
-    (mu_q, sigma_q), (mu_k, sigma_k) = query, key
-    P = geo.hr_patch ** 2
-    blocks = _key_blocks(feat, geo)  # (B, C, P, N), a view-sized copy of F (2.25x)
-    work = mu_q.dtype
-    step = max(1, _CHUNK_ELEMENTS // max(1, B * P * geo.num_queries))
-    out = []
-    for r in range(k):
-        n = idx[:, :, r]  # (B, M)
-        rank = []
-        for c0 in range(0, C, step):
-            c = slice(c0, c0 + step)
-            Cc = blocks[:, c].shape[1]
-            alpha = sigma_q[:, c] / torch.gather(sigma_k[:, c], 2, n[:, None].expand(B, Cc, -1))
-            beta = mu_q[:, c] - torch.gather(mu_k[:, c], 2, n[:, None].expand(B, Cc, -1)) * alpha
-            gathered = torch.gather(blocks[:, c].to(work), 3,
-                                    n[:, None, None].expand(B, Cc, P, -1))  # (B, Cc, P, M)
-            z = gathered * alpha[:, :, None] + beta[:, :, None]
-            rank.append(_fold_hr_blocks(z, geo))
-        out.append(torch.cat(rank, 1))
-    return torch.stack(out, 1).to(feat.dtype)
+    return _patch_stats(feat.contiguous(), *_key_grid(geo))
 
 
 def _fold_hr_blocks(z: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     """z (B, C, (p*s)^2, M) per-query HR blocks -> overlap-averaged HR map (B, C, sH, sW)."""
-    B, C = z.shape[:2]
     s = geo.scale
-    padded_hw = (s * (geo.query_h.size + geo.query_h.pad_before + geo.query_h.pad_after),
-                 s * (geo.query_w.size + geo.query_w.pad_before + geo.query_w.pad_after))
-    total = F.fold(z.flatten(1, 2), padded_hw, geo.hr_patch, stride=geo.hr_stride)
-    count = F.fold(torch.ones_like(z[:1, :1]).flatten(1, 2), padded_hw, geo.hr_patch,
-                   stride=geo.hr_stride)
+    count = _hr_count(geo, z)
+    total = F.fold(z.flatten(1, 2), tuple(count.shape), geo.hr_patch, stride=geo.hr_stride)
     top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
     return (total / count)[..., top: top + s * geo.query_h.size, left: left + s * geo.query_w.size]
 
 
-def weighted_sum(knn: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum_r softmax_r(logits) * knn[:, r]: knn (B, k, C, h, w), logits (B, k, h, w)."""
-    if logits.shape != knn.shape[:2] + knn.shape[3:]:
-        raise ValueError(f"logits must be (B, k, h, w) = {tuple(knn.shape[:2] + knn.shape[3:])}; "
-                         f"got {tuple(logits.shape)}")
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    weights = torch.softmax(logits.to(work), dim=1).to(knn.dtype)
-    return torch.einsum("bkhw,bkchw->bchw", weights, knn)
+def _aggregate_chunk(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, geo: GraphGeometry):
+    """One rank, a chunk of channels: knn_hr (B, Cc, sH, sW) in the work dtype.
+    feat_c (B, Cc, H, W); n (B, M) son indices; statistics (B, Cc, M) / (B, Cc, N)."""
+    B, Cc = feat_c.shape[:2]
+    blocks = _key_blocks(feat_c.to(q_mean_c.dtype), geo)  # (B, Cc, P, N)
+    P = blocks.shape[2]
+    nc = n[:, None].expand(B, Cc, -1)  # (B, Cc, M)
+    alpha = q_std_c / torch.gather(k_std_c, 2, nc)  # (B, Cc, M)
+    beta = q_mean_c - torch.gather(k_mean_c, 2, nc) * alpha
+    gathered = torch.gather(blocks, 3, n[:, None, None].expand(B, Cc, P, -1))  # (B, Cc, P, M)
+    return _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], geo)
+
+
+def _channel_step(B: int, geo: GraphGeometry) -> int:
+    """Channels per chunk so one gathered (B, Cc, (p*s)^2, M) block stays bounded."""
+    return max(1, _CHUNK_ELEMENTS // max(1, B * geo.hr_patch ** 2 * geo.num_queries))
+
+
+def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
+    """Rank by rank over channel chunks: never the (B, M, 9*C*s^2, k) gathered tensor."""
+    B, C = feat.shape[:2]
+    k = idx.shape[2]
+    step = _channel_step(B, geo)
+    weights = None if logits is None else torch.softmax(logits.to(stats[0].dtype), dim=1)
+    out = []
+    for c0 in range(0, C, step):
+        c = slice(c0, c0 + step)
+        ranks = [_aggregate_chunk(feat[:, c], idx[:, :, r], *(t[:, c] for t in stats), geo)
+                 for r in range(k)]
+        if weights is None:
+            out.append(torch.stack(ranks, 1))  # (B, k, Cc, sH, sW)
+        else:
+            out.append(sum(weights[:, r, None] * ranks[r] for r in range(k)))  # (B, Cc, sH, sW)
+    return torch.cat(out, 2 if weights is None else 1).to(feat.dtype)
+
+
+@torch.library.custom_op("ignn::patch_aggregate", mutates_args=())
+def _patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
+                     q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
+                     logits: torch.Tensor | None, scale: int, patch: int,
+                     stride: int) -> torch.Tensor:
+    if _use_triton(feat, idx):
+        return kernels.patch_aggregate(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch,
+                                       stride, logits)
+    geo = graph_geometry(feat.shape[2], feat.shape[3], scale, patch, stride)
+    return _aggregate_torch(feat, idx, (q_mean, q_std, k_mean, k_std), logits, geo)
+
+
+@_patch_aggregate.register_fake
+def _(feat, idx, q_mean, q_std, k_mean, k_std, logits, scale, patch, stride):
+    B, C, H, W = feat.shape
+    if logits is None:
+        return feat.new_empty(B, idx.shape[2], C, scale * H, scale * W)
+    return feat.new_empty(B, C, scale * H, scale * W)
+
+
+@torch.library.custom_op("ignn::patch_aggregate_backward", mutates_args=())
+def _patch_aggregate_backward(
+        feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor, q_std: torch.Tensor,
+        k_mean: torch.Tensor, k_std: torch.Tensor, logits: torch.Tensor | None,
+        grad_out: torch.Tensor, scale: int, patch: int, stride: int) -> list[torch.Tensor]:
+    """[grad_feat, grad_q_mean, grad_q_std, grad_k_mean, grad_k_std, grad_logits] (the last
+    is empty when logits is None); gradients in the statistics' dtype."""
+    if _use_triton(feat, idx):
+        grads = kernels.patch_aggregate_backward(feat, idx, q_mean, q_std, k_mean, k_std,
+                                                 grad_out, scale, patch, stride, logits)
+        return [g if g is not None else feat.new_empty(0) for g in grads]
+    return _aggregate_backward_torch(feat, idx, (q_mean, q_std, k_mean, k_std), logits,
+                                     grad_out, graph_geometry(feat.shape[2], feat.shape[3],
+                                                              scale, patch, stride))
+
+
+@_patch_aggregate_backward.register_fake
+def _(feat, idx, q_mean, q_std, k_mean, k_std, logits, grad_out, scale, patch, stride):
+    dtype = q_mean.dtype
+    return [feat.new_empty(feat.shape, dtype=dtype), torch.empty_like(q_mean),
+            torch.empty_like(q_std), torch.empty_like(k_mean), torch.empty_like(k_std),
+            torch.empty_like(logits) if logits is not None else feat.new_empty(0)]
+
+
+def _hr_count(geo: GraphGeometry, like: torch.Tensor) -> torch.Tensor:
+    """(padded sH, padded sW): how many query HR patches cover each padded HR pixel."""
+    s = geo.scale
+    padded_hw = (s * (geo.query_h.size + geo.query_h.pad_before + geo.query_h.pad_after),
+                 s * (geo.query_w.size + geo.query_w.pad_before + geo.query_w.pad_after))
+    ones = like.new_ones(1, geo.hr_patch ** 2, geo.num_queries)
+    return F.fold(ones, padded_hw, geo.hr_patch, stride=geo.hr_stride)[0, 0]
+
+
+def _aggregate_chunk_backward(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, upstream,
+                              geo: GraphGeometry):
+    """Vector-Jacobian product of _aggregate_chunk for upstream (B, Cc, sH, sW): gradients
+    to feat_c and the four statistics, and the chunk's knn_hr itself."""
+    B, Cc, H, W = feat_c.shape
+    s = geo.scale
+    blocks = _key_blocks(feat_c.to(q_mean_c.dtype), geo)  # (B, Cc, P, N)
+    P, N = blocks.shape[2:]
+    nc = n[:, None].expand(B, Cc, -1)  # (B, Cc, M)
+    sigma_kn, mu_kn = torch.gather(k_std_c, 2, nc), torch.gather(k_mean_c, 2, nc)
+    alpha = q_std_c / sigma_kn  # (B, Cc, M)
+    beta = q_mean_c - mu_kn * alpha
+    n_blocks = n[:, None, None].expand(B, Cc, P, -1)
+    gathered = torch.gather(blocks, 3, n_blocks)  # (B, Cc, P, M)
+    knn = _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], geo)
+    # adjoint of crop, overlap average and fold: pad, divide by the count, unfold
+    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
+    count = _hr_count(geo, upstream)
+    padded = F.pad(upstream, (left, count.shape[1] - left - s * W, top, count.shape[0] - top - s * H))
+    d_z = F.unfold(padded / count, geo.hr_patch, stride=geo.hr_stride).view(B, Cc, P, -1)
+    d_alpha = (d_z * gathered).sum(2)  # (B, Cc, M)
+    d_beta = d_z.sum(2)
+    d_blocks = torch.zeros_like(blocks).scatter_add_(3, n_blocks, d_z * alpha[:, :, None])
+    d_alpha = d_alpha - d_beta * mu_kn  # beta = mu_q - mu_kn * alpha
+    d_mu_k = torch.zeros_like(k_mean_c).scatter_add_(2, nc, -d_beta * alpha)
+    d_sigma_k = torch.zeros_like(k_std_c).scatter_add_(2, nc, -d_alpha * alpha / sigma_kn)
+    patch, stride, pad_top, pad_left, grid_h, grid_w = _key_grid(geo)
+    padded_hw = ((grid_h - 1) * stride + patch, (grid_w - 1) * stride + patch)
+    d_feat = F.fold(d_blocks.flatten(1, 2), padded_hw, patch, stride=stride)
+    d_feat = d_feat[..., pad_top: pad_top + H, pad_left: pad_left + W]
+    return d_feat, d_beta, d_alpha / sigma_kn, d_mu_k, d_sigma_k, knn
+
+
+def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeometry):
+    """Per (channel chunk, rank) vector-Jacobian products, so memory stays that of one
+    chunk; the logits' gradient is the softmax backward of g_r = <dx1, knn_r>."""
+    B, C = feat.shape[:2]
+    k = idx.shape[2]
+    work = stats[0].dtype
+    step = _channel_step(B, geo)
+    weights = None if logits is None else torch.softmax(logits.to(work), dim=1)  # (B, k, ..)
+    grads = [torch.zeros(feat.shape, dtype=work, device=feat.device)]
+    grads += [torch.zeros_like(t) for t in stats]
+    g = None if logits is None else torch.zeros_like(weights)  # (B, k, sH, sW)
+    for c0 in range(0, C, step):
+        c = slice(c0, c0 + step)
+        for r in range(k):
+            if weights is None:
+                upstream = grad_out[:, r, c].to(work)
+            else:
+                upstream = weights[:, r, None] * grad_out[:, c].to(work)
+            *chunk, knn = _aggregate_chunk_backward(feat[:, c], idx[:, :, r],
+                                                    *(t[:, c] for t in stats), upstream, geo)
+            for acc, grad in zip(grads, chunk):
+                acc[:, c] += grad
+            if weights is not None:
+                g[:, r] += (grad_out[:, c].to(work) * knn).sum(1)
+    grad_logits = (feat.new_empty(0) if logits is None else
+                   (weights * (g - (weights * g).sum(1, keepdim=True))).to(logits.dtype))
+    return [*grads, grad_logits]
+
+
+def _patch_aggregate_setup(ctx, inputs, output):
+    feat, idx, q_mean, q_std, k_mean, k_std, logits, scale, patch, stride = inputs
+    ctx.save_for_backward(feat, idx, q_mean, q_std, k_mean, k_std, logits)
+    ctx.geometry = (scale, patch, stride)
+
+
+def _patch_aggregate_grad(ctx, grad_out):
+    feat, idx, q_mean, q_std, k_mean, k_std, logits = ctx.saved_tensors
+    grads = _patch_aggregate_backward(feat, idx, q_mean, q_std, k_mean, k_std, logits,
+                                      grad_out.contiguous(), *ctx.geometry)
+    grad_feat, gqm, gqs, gkm, gks, grad_logits = grads
+    return (grad_feat.to(feat.dtype), None, gqm.to(q_mean.dtype), gqs.to(q_std.dtype),
+            gkm.to(k_mean.dtype), gks.to(k_std.dtype),
+            None if logits is None else grad_logits.to(logits.dtype), None, None, None)
+
+
+torch.library.register_autograd("ignn::patch_aggregate", _patch_aggregate_grad,
+                                setup_context=_patch_aggregate_setup)
+
+
+def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, query: tuple, key: tuple,
+                    scale: int = 2, patch: int = 3, stride: int = 2,
+                    logits: torch.Tensor | None = None) -> torch.Tensor:
+    """AdaPN aggregation (spec section 6), differentiable in feat, the statistics and logits.
+
+    Each neighbour's key block of F is normalised to its query's statistics and folded onto
+    the HR grid with overlap averaging. query = (mean, std) (B, C, M) and key = (mean, std)
+    (B, C, N) come from query_stats / key_stats; idx (B, M, k) int64.
+    logits None: knn_hr (B, k, C, sH, sW).
+    logits (B, k, sH, sW): x1_hr (B, C, sH, sW) = sum_r softmax_r(logits) * knn_hr[:, r],
+    without materialising knn_hr. The result is in feat's dtype, computed in fp32 or better.
+    """
+    _check_feat(feat)
+    B, C, H, W = feat.shape
+    geo = graph_geometry(H, W, scale, patch, stride)
+    _check_idx(idx, B, geo)
+    (q_mean, q_std), (k_mean, k_std) = query, key
+    for name, t, L in (("query mean", q_mean, geo.num_queries), ("query std", q_std, geo.num_queries),
+                       ("key mean", k_mean, geo.num_keys), ("key std", k_std, geo.num_keys)):
+        if tuple(t.shape) != (B, C, L):
+            raise ValueError(f"{name} must be (B, C, {L}) = {(B, C, L)}; got {tuple(t.shape)}")
+    if logits is not None and tuple(logits.shape) != (B, idx.shape[2], scale * H, scale * W):
+        raise ValueError(f"logits must be (B, k, sH, sW) = {(B, idx.shape[2], scale * H, scale * W)}"
+                         f"; got {tuple(logits.shape)}")
+    return _patch_aggregate(feat.contiguous(), idx.contiguous(), q_mean.contiguous(),
+                            q_std.contiguous(), k_mean.contiguous(), k_std.contiguous(),
+                            None if logits is None else logits.contiguous(), scale, patch, stride)
+

@@ -59,7 +59,8 @@ def test_stats_and_aggregate_match_reference(case, C):
     knn = ops.patch_aggregate(feat, idx, query, key, s)
     torch.testing.assert_close(knn, R.aggregate(feat, idx, s), rtol=1e-10, atol=1e-10)
     logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
-    torch.testing.assert_close(ops.weighted_sum(knn, logits), R.weighted_sum(knn, logits))
+    torch.testing.assert_close(ops.patch_aggregate(feat, idx, query, key, s, logits=logits),
+                               R.weighted_sum(R.aggregate(feat, idx, s), logits))
 
 
 def test_aggregate_gradients_match_reference():
@@ -69,8 +70,7 @@ def test_aggregate_gradients_match_reference():
     logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
 
     def ours(f, lg):
-        knn = ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, s), s)
-        return ops.weighted_sum(knn, lg)
+        return ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, s), s, logits=lg)
 
     f1 = feat.clone().requires_grad_()
     l1 = logits.clone().requires_grad_()
