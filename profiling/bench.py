@@ -49,6 +49,7 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         self.quick = quick
         self.rows: list[Row] = []
+        self.subset: list[str] = []  # the --only workloads, named in the results file
         self.ceilings: dict = {}
 
     def time_ms(self, fn) -> float:
@@ -233,7 +234,7 @@ def bench_training(b: Bench, C: int, blocks: int, batch: int, size: int, scale: 
               {"IGNN (ours)": step(model), "EDSR": step(edsr)})
 
 
-def format_row(row: Row, ceilings: dict) -> str:
+def format_row(row: Row, ceilings: dict, sep: str = " | ") -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -246,14 +247,34 @@ def format_row(row: Row, ceilings: dict) -> str:
                 parts.append(f"x{ms / ours:.1f} vs {name}")
         rate = ceilings.get(f"{row.dtype}_TFLOPs")
         if row.flops and rate:
-            parts.append(f"{row.flops / ours / 1e9:.1f} TFLOP/s, floor x{ours / (row.flops / rate / 1e9):.1f}")
+            floor = row.flops / rate / 1e9
+            parts.append(f"{row.flops / ours / 1e9:.3g} TFLOP/s, {ours / floor:.1f}x the "
+                         f"compute floor")
         if row.bytes and ceilings.get("copy_GBps"):
             floor = row.bytes / ceilings["copy_GBps"] / 1e6
-            parts.append(f"{row.bytes / ours / 1e6:.0f} GB/s, floor x{ours / floor:.1f}")
+            parts.append(f"{row.bytes / ours / 1e6:.0f} GB/s, {ours / floor:.1f}x the "
+                         f"memory floor")
     peaks = {k: v for k, v in row.peak_mb.items() if v is not None}
     if peaks:
-        parts.append("peak MiB " + "/".join(f"{v:.0f}" for v in peaks.values()))
-    return " | ".join(parts)
+        parts.append("peak MiB " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    return sep.join(parts)
+
+
+def render_markdown(data: dict) -> str:
+    """The results table of a bench JSON file."""
+    meta, ceilings = data["meta"], data["ceilings"]
+    lines = [f"# bench {meta['date']} on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+             f"driver {meta['driver']}", "",
+             "ceilings measured in the same run: "
+             + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), "",
+             "| workload | shape | dtype | result (medians; ratios are the other variant's "
+             "time over ours) |", "|---|---|---|---|"]
+    for fields in data["rows"]:
+        row = Row(**fields)
+        result = format_row(row, ceilings, sep="; ").split("; ", 1)[1]
+        lines.append(f"| {row.workload} | {row.shape} | {row.dtype} | {result} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_results(b: Bench, out_dir: Path) -> Path:
@@ -270,18 +291,11 @@ def write_results(b: Bench, out_dir: Path) -> Path:
         "driver": _driver() if b.cuda else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}-{device_name.replace(' ', '_')}" + ("-smoke" if b.quick else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "ceilings": b.ceilings, "rows": [r.__dict__ for r in b.rows]}, indent=1))
-    lines = [f"# bench {meta['date']} on {device_name}", "",
-             f"torch {meta['torch']}, triton {triton_version}, CUDA {meta['cuda']}, "
-             f"driver {meta['driver']}", "",
-             "ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in b.ceilings.items()), "",
-             "| workload | shape | dtype | result |", "|---|---|---|---|"]
-    for row in b.rows:
-        result = format_row(row, b.ceilings).split(" | ", 1)[1]
-        lines.append(f"| {row.workload} | {row.shape} | {row.dtype} | {result} |")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    stem = (f"{meta['date']}-{device_name.replace(' ', '_')}" + ("-smoke" if b.quick else "")
+            + "".join(f"-{name}" for name in b.subset))
+    data = {"meta": meta, "ceilings": b.ceilings, "rows": [r.__dict__ for r in b.rows]}
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (out_dir / f"{stem}.md").write_text(render_markdown(data))
     return out_dir / f"{stem}.md"
 
 
@@ -302,11 +316,16 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="subset of: matching ga model train")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, help="only rewrite the .md of a results .json")
     args = parser.parse_args(argv)
+    if args.render:
+        args.render.with_suffix(".md").write_text(render_markdown(json.loads(args.render.read_text())))
+        return 0
     global COMPILE
     COMPILE = not args.smoke
     b = Bench(args.device, quick=args.smoke)
     wanted = set(args.only or ["matching", "ga", "model", "train"])
+    b.subset = sorted(args.only or [])
     b.measure_ceilings()
     if args.smoke:
         shapes = dict(matching=[(8, 16, 16, 2, 3, 4)], ga=[(8, 16, 16, 4)],
