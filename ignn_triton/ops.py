@@ -23,7 +23,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
-    return kernels.HAS_TRITON and all(t.is_cuda for t in tensors)
+    """The Triton kernels take CUDA tensors in fp32 / fp16 / bf16; fp64 takes the torch path."""
+    return kernels.HAS_TRITON and all(t.is_cuda and t.dtype != torch.float64 for t in tensors
+                                      if t.is_floating_point())
 
 
 def _check_embeddings(ye: torch.Tensor, xe: torch.Tensor, scale: int) -> None:

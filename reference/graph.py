@@ -54,7 +54,8 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
 
     ye (B, E, H, W) LR embedding, xe (B, E, H/s, W/s) son embedding.
     Returns dist (B, M, k) in ye's dtype, ascending, and idx (B, M, k) int64 flat son
-    indices; ties go to the smaller index (a stable sort keeps the index order).
+    indices; ties go to the smaller index (stable sorts keep the index order); a NaN
+    distance ranks after every number, but only in-window candidates are ever chosen.
     """
     B, E, H, W = ye.shape
     q = _unfold(_pad_map(ye, patch, stride), patch, stride).flatten(1, 2)  # (B, E*p*p, M)
@@ -63,10 +64,13 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
          - 2 * q.transpose(1, 2) @ key)  # (B, M, N)
     m1, m2 = _padding(H, patch, stride)[2], _padding(W, patch, stride)[2]
     n1, n2 = _padding(xe.shape[2], patch, stride)[2], _padding(xe.shape[3], patch, stride)[2]
-    inside = window_mask(m1, m2, n1, n2, scale, window, ye.device)
-    d = d.masked_fill(~inside, float("inf"))
-    dist, idx = torch.sort(d, dim=-1, stable=True)
-    return dist[..., :k].contiguous(), idx[..., :k].contiguous()
+    inside = window_mask(m1, m2, n1, n2, scale, window, ye.device)  # (M, N)
+    # ascending distance (NaN last), then in-window candidates first: two stable sorts
+    _, order = torch.sort(d, dim=-1, stable=True)
+    outside = (~inside).expand_as(d).gather(-1, order).to(torch.uint8)
+    _, first_inside = torch.sort(outside, dim=-1, stable=True)
+    idx = order.gather(-1, first_inside)[..., :k]
+    return d.gather(-1, idx), idx.contiguous()
 
 
 def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: int = 3,

@@ -78,3 +78,14 @@ def test_weighted_sum_is_a_convex_combination():
     assert torch.all(out <= knn.max(1).values + 1e-12) and torch.all(out >= knn.min(1).values - 1e-12)
     same = R.weighted_sum(knn, torch.zeros_like(logits))
     torch.testing.assert_close(same, knn.mean(1))
+
+
+def test_nan_distances_rank_last_but_never_leave_the_window():
+    ye, xe = _randn(1, 1, 16, 16, seed=10), _randn(1, 1, 8, 8, seed=11)
+    xe[..., :3, :3] = float("nan")  # every candidate of the top-left queries is NaN
+    dist, idx = R.patch_knn(ye, xe, k=4, scale=2, window=2)
+    inside = R.window_mask(8, 8, 4, 4, 2, 2)
+    assert torch.all(inside.gather(1, idx[0]))
+    assert torch.isnan(dist[0, 0]).all()  # query (0, 0): all four candidates poisoned
+    finite = ~torch.isnan(dist)
+    assert torch.all(finite[..., :-1] >= finite[..., 1:])  # numbers before NaN

@@ -1,0 +1,609 @@
+"""AdaPN graph aggregation: knn_hr (B, k, C, sH, sW) = every query's k neighbour key blocks of F, normalised to the query's statistics and folded onto the HR grid with overlap averaging, or its softmax-weighted sum x1_hr (B, C, sH, sW); and the backward of both.
+Forward traffic ~ 2|F| (NHWC copy) + |stats| + out (k*s^2*|F| knn_hr, s^2*|F| x1_hr) from DRAM, ~5*k*(3/2)^2 L1/L2 gathers per output; FLOPs ~ 4*B*k*C*(sH*sW)*(3/2)^2 (+3*B*k*sH*sW softmax). Backward ~ 2x forward (+ 9s^2*B*M*k*C fp32 atomics to grad F).
+Must match reference.graph.aggregate (knn_hr) and reference.graph.weighted_sum(aggregate(...), logits) (x1_hr), with the statistics of reference.graph.query_stats / key_stats taken as independent inputs (spec section 6).
+
+Design
+------
+* Layout. F is read through a channels-last copy (B, H, W, C) made by the launcher (cost: one
+  read + one write of F, ~2/(k s^2) of the knn_hr store traffic), and the statistics through
+  channels-contiguous (B, M, C) / (B, N, C) copies (|F|/4 and |F|/(4 s^2) floats). Every
+  gathered operand (a neighbour pixel of F, mu_k, sigma_k, mu_q, sigma_q) is then one
+  contiguous, vectorisable run of BLOCK_C channels, whatever idx says; in NCHW the same
+  gathers would be scalar loads in runs of at most 2s pixels. The outputs stay NCHW planes
+  (the contract): the store of a (pixels, channels) tile goes through one layout conversion.
+* Forward = gather, deterministic, no atomics. One program = a BLOCK_Y x BLOCK_X tile of HR
+  pixels (default 1 x 32: one 128-byte run of an output row) x BLOCK_C channels of one batch
+  item. Each pixel visits the at most NSLOT^2 (NSLOT = ceil(p/t) = 2) queries covering it.
+  Per rank r and covering query (i, j): n = idx[b, m, r], Z = (F[row, col] - mu_k[n]) *
+  (sigma_q[m] / sigma_k[n]) + mu_q[m] with the key pixel (row, col) = (t*s*a + u, t*s*b' + v)
+  - s * son padding (zero outside F, still normalised), summed and divided by the number of
+  covering queries. knn_hr mode stores each rank's tile; x1_hr mode (WEIGHTED) computes the
+  per-pixel softmax over ranks in fp32 (max, then sum of exp) and accumulates in registers:
+  knn_hr is never materialised.
+* Backward, two kernels.
+  1. x1_hr mode only, pixel-centric like the forward: recomputes knn_r per pixel, reduces
+     g_r = sum_c dx1[c] * knn_r[c] over all channels inside the program (deterministic),
+     writes grad_logits = w_r (g_r - sum_r' w_r' g_r') and the softmax weights w (fp32) that
+     kernel 2 needs.
+  2. query-centric: one program = BLOCK_QI x BLOCK_QJ queries x BLOCK_C channels; per
+     rank it walks the (p s)^2 HR pixels of each query's patch, with the incoming gradient
+     dZ = dknn_r / count (knn mode) or w_r dx1 / count (x1 mode). grad mu_q, grad sigma_q
+     are reduced in registers (deterministic, plain stores). grad mu_k, grad sigma_k are
+     reduced over the patch and added with one fp32 atomic per (query, rank, channel);
+     grad F gets one fp32 atomic per (query, rank, patch pixel, channel) into an NHWC fp32
+     buffer (contiguous channel runs), permuted to NCHW at the end. Those three gradients
+     are therefore NOT bit-deterministic (fp32 addition order of the atomics varies).
+* idx is read as int64 and never trusted for addressing: a son index outside [0, N) masks
+  every load it would drive and yields NaN outputs (forward) / no contribution (backward).
+  With IGNN_TRITON_DEBUG=1 the launchers compile a DEBUG variant whose tl.device_assert
+  traps on CUDA (launched with debug=True); under the interpreter device asserts are no-ops,
+  so there the launcher checks the range on the host instead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..geometry import GraphGeometry, graph_geometry
+
+__all__ = ["AggregateConfig", "patch_aggregate", "patch_aggregate_backward",
+           "default_aggregate_config", "DEFAULT_CONFIGS", "aot_specs"]
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# --------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Tiles (powers of two) of the two kernel shapes.
+    Forward: block_y x block_x HR pixels x block_c channels per program, num_warps.
+    Backward to the logits: block_ly x block_lx HR pixels per program, looping over the
+    channels in steps of block_lc, l_num_warps. Main backward (query-centric): block_qi x
+    block_qj queries x block_qc channels per program, q_num_warps."""
+
+    block_y: int = 1
+    block_x: int = 64
+    block_c: int = 16
+    num_warps: int = 8
+    block_qi: int = 1
+    block_qj: int = 8
+    block_qc: int = 16
+    q_num_warps: int = 4
+    block_ly: int = 1  # backward-to-logits kernel: block_ly x block_lx pixels, block_lc
+    block_lx: int = 32  # channels per step
+    block_lc: int = 8
+    l_num_warps: int = 4
+    num_stages: int = 1
+
+
+def default_aggregate_config(C: int, dtype: torch.dtype) -> AggregateConfig:
+    """Forward: 1 x 64 pixels x 16 channels on 8 warps (4 tile elements per thread: the
+    64-bit addresses of five gathers per element dominate the registers; 64 pixels =
+    256-byte output runs). Backward: 1 x 8 queries x 16 channels on 4 warps, and 1 x 32
+    pixels x 8-channel steps on 4 warps for the logits (1-2 elements per thread). Chosen
+    from register sweeps: ptxas (12.x in triton 3.6, 13.x in 3.9) caps these kernels near
+    80 registers and spills above, so every default stays well under: no spills on
+    sm_80 / sm_90, every dtype, both triton releases."""
+    bc = min(16, triton.next_power_of_2(max(1, C)))
+    return AggregateConfig(block_y=1, block_x=64, block_c=bc, num_warps=8, block_qi=1,
+                           block_qj=8, block_qc=bc, q_num_warps=4, block_ly=1, block_lx=32,
+                           block_lc=min(8, bc), l_num_warps=4, num_stages=1)
+
+
+def _debug() -> bool:
+    return os.environ.get("IGNN_TRITON_DEBUG", "") == "1"
+
+
+# --------------------------------------------------------------------------- kernels
+# Every bool combination below is vector & vector: the triton 3.9 interpreter mis-splats a
+# scalar int1 into a vector (int32 data) and then rejects it as a mask.
+
+@triton.jit
+def _cover_count(xp, count, HSTRIDE: tl.constexpr, HPATCH: tl.constexpr,
+                 NSLOT: tl.constexpr):
+    """Number of HR patches [HSTRIDE*i, HSTRIDE*i + HPATCH), 0 <= i < count, covering the
+    padded HR coordinates xp (vector, xp >= 0), int32."""
+    cnt = (xp * 0).to(tl.int32)
+    for d in tl.static_range(NSLOT):
+        i = xp // HSTRIDE - d
+        cnt += ((i >= 0) & (i < count) & (xp - i * HSTRIDE < HPATCH)).to(tl.int32)
+    return cnt
+
+
+@triton.jit
+def _cover_count_rel(v, j, count, HSTRIDE: tl.constexpr, HPATCH: tl.constexpr,
+                     NSLOT: tl.constexpr):
+    """Number of HR patches covering offset v (scalar, 0 <= v < HPATCH) of patches j
+    (vector, 0 <= j < count): patch j - d covers it iff v + d*HSTRIDE < HPATCH, patch j + d
+    iff v >= d*HSTRIDE. int32."""
+    cnt = (j * 0 + 1).to(tl.int32)
+    for d in tl.static_range(1, NSLOT):
+        before = tl.where(v + d * HSTRIDE < HPATCH, j >= d, False)
+        after = tl.where(v >= d * HSTRIDE, j + d < count, False)
+        cnt += before.to(tl.int32) + after.to(tl.int32)
+    return cnt
+
+
+@triton.jit
+def _pixel_tile(pid, HO, WO, q_top, q_left, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    """The BLOCK_Y x BLOCK_X HR pixels of tile pid, flattened: Y, X, padded Yp, Xp, valid."""
+    nxb = tl.cdiv(WO, BLOCK_X)
+    ty = pid // nxb
+    p = tl.arange(0, BLOCK_Y * BLOCK_X)
+    Y = ty * BLOCK_Y + p // BLOCK_X
+    X = (pid - ty * nxb) * BLOCK_X + p % BLOCK_X
+    ok = (Y < HO) & (X < WO)
+    return Y, X, Y + q_top, X + q_left, ok
+
+
+@triton.jit
+def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
+                   H, W, C, m1, m2, n2, N, k, k_top, k_left,
+                   HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DEBUG: tl.constexpr):
+    """Sum over the queries covering the HR padded pixels (Yp, Xp) (BLOCK_P,) of the
+    AdaPN-normalised rank-r neighbour value: (BLOCK_P, BLOCK_C) fp32, not yet averaged.
+    f_b: NHWC F of this batch item; statistics (M | N, C) channel-contiguous; idx (M, k)."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    ib = Yp // HSTRIDE
+    jb = Xp // HSTRIDE
+    # a runtime loop over the NSLOT^2 covering-query slots: unrolled, the compiler keeps every
+    # slot's gathers in flight at once (230-255 registers and spills at 1 x 32 x 32)
+    for sl in range(0, NSLOT * NSLOT):
+        di = sl // NSLOT
+        dj = sl - di * NSLOT
+        i = ib - di
+        u = Yp - i * HSTRIDE
+        j = jb - dj
+        v = Xp - j * HSTRIDE
+        ok = x_ok & (i >= 0) & (i < m1) & (u < HPATCH) & (j >= 0) & (j < m2) & (v < HPATCH)
+        m = tl.where(ok, i * m2 + j, 0)
+        n = tl.load(idx_b + m * k + r, mask=ok, other=0)
+        n_ok = (n >= 0) & (n < N)
+        if DEBUG:
+            tl.device_assert(n_ok | (ok == 0), "ignn_triton: idx outside [0, N)")
+        use = ok & n_ok
+        nn = tl.where(use, n, 0).to(tl.int32)
+        a = nn // n2
+        bb = nn - a * n2
+        row = a * HSTRIDE + u - k_top
+        col = bb * HSTRIDE + v - k_left
+        f_ok = use & (row >= 0) & (row < H) & (col >= 0) & (col < W)
+        umask = use[:, None] & c_ok[None, :]
+        f = tl.load(f_b + (row * W + col)[:, None] * C + c[None, :],
+                    mask=f_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        q_off = m[:, None] * C + c[None, :]
+        k_off = nn[:, None] * C + c[None, :]
+        mq = tl.load(qm_b + q_off, mask=umask, other=0.0)
+        sq = tl.load(qs_b + q_off, mask=umask, other=0.0)
+        mk = tl.load(km_b + k_off, mask=umask, other=0.0)
+        sk = tl.load(ks_b + k_off, mask=umask, other=1.0)
+        z = (f - mk) * (sq / sk) + mq
+        z = tl.where(n_ok[:, None], z, float("nan"))  # a bad idx poisons, never reads
+        acc += tl.where(ok[:, None], z, 0.0)
+    return acc
+
+
+@triton.jit
+def _aggregate_fwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, logit_ptr, out_ptr,
+                          H, W, C, m1, m2, n2, N, k, HO, WO, q_top, q_left, k_top, k_left,
+                          HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
+                          BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+                          BLOCK_C: tl.constexpr, WEIGHTED: tl.constexpr,
+                          DEBUG: tl.constexpr):
+    """knn_hr (B, k, C, HO, WO) or, WEIGHTED, x1_hr (B, C, HO, WO) in out's dtype.
+    f: NHWC (B, H, W, C); idx (B, M, k) int64; q stats (B, M, C), k stats (B, N, C) fp32;
+    logits (B, k, HO, WO). One program = a BLOCK_Y x BLOCK_X pixel tile x BLOCK_C channels."""
+    BLOCK_P: tl.constexpr = BLOCK_Y * BLOCK_X
+    cb = tl.program_id(1)
+    b = tl.program_id(2)
+    Y, X, Yp, Xp, x_ok = _pixel_tile(tl.program_id(0), HO, WO, q_top, q_left, BLOCK_Y,
+                                     BLOCK_X)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    M = m1 * m2
+    b64 = b.to(tl.int64)
+    f_b = f_ptr + b64 * H * W * C
+    idx_b = idx_ptr + b64 * M * k
+    qm_b = qm_ptr + b64 * M * C
+    qs_b = qs_ptr + b64 * M * C
+    km_b = km_ptr + b64 * N * C
+    ks_b = ks_ptr + b64 * N * C
+    cnt = (_cover_count(Yp, m1, HSTRIDE, HPATCH, NSLOT)
+           * _cover_count(Xp, m2, HSTRIDE, HPATCH, NSLOT))
+    inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)  # every valid HR pixel has cnt >= 1
+    HW = HO * WO
+    pix = tl.where(x_ok, Y * WO + X, 0)
+    omask = x_ok[:, None] & c_ok[None, :]
+    if WEIGHTED:
+        lg_b = logit_ptr + b64 * k * HW + pix
+        mx = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+        for r in range(0, k):
+            mx = tl.maximum(mx, tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32))
+        den = tl.zeros((BLOCK_P,), tl.float32)
+        for r in range(0, k):
+            den += tl.exp(tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32) - mx)
+        wscale = inv / den
+        acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+        for r in range(0, k):
+            lr = tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32)
+            w = tl.exp(lr - mx) * wscale
+            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
+                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
+                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
+            acc += val * w[:, None]
+        out = out_ptr + (b64 * C + c)[None, :] * HW + pix[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        for r in range(0, k):
+            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
+                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
+                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
+            out = out_ptr + ((b64 * k + r) * C + c)[None, :] * HW + pix[:, None]
+            tl.store(out, (val * inv[:, None]).to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _aggregate_bwd_logits_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, logit_ptr,
+                                 gout_ptr, glogit_ptr, w_ptr,
+                                 H, W, C, m1, m2, n2, N, k, HO, WO, q_top, q_left, k_top,
+                                 k_left,
+                                 HSTRIDE: tl.constexpr, HPATCH: tl.constexpr,
+                                 NSLOT: tl.constexpr, KPAD: tl.constexpr,
+                                 BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, DEBUG: tl.constexpr):
+    """x1_hr backward to the logits: g_r = sum_c dx1[c] knn_r[c] (knn_r recomputed, every
+    channel inside this program: deterministic), grad_logits = w_r (g_r - sum_r' w_r' g_r')
+    in glogit's dtype, and the softmax weights w (B, k, HO, WO) fp32 for the main kernel."""
+    BLOCK_P: tl.constexpr = BLOCK_Y * BLOCK_X
+    b = tl.program_id(1)
+    Y, X, Yp, Xp, x_ok = _pixel_tile(tl.program_id(0), HO, WO, q_top, q_left, BLOCK_Y,
+                                     BLOCK_X)
+    M = m1 * m2
+    b64 = b.to(tl.int64)
+    f_b = f_ptr + b64 * H * W * C
+    idx_b = idx_ptr + b64 * M * k
+    qm_b = qm_ptr + b64 * M * C
+    qs_b = qs_ptr + b64 * M * C
+    km_b = km_ptr + b64 * N * C
+    ks_b = ks_ptr + b64 * N * C
+    cnt = (_cover_count(Yp, m1, HSTRIDE, HPATCH, NSLOT)
+           * _cover_count(Xp, m2, HSTRIDE, HPATCH, NSLOT))
+    inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
+    HW = HO * WO
+    pix = tl.where(x_ok, Y * WO + X, 0)
+    rr = tl.arange(0, KPAD)
+    G = tl.zeros((KPAD, BLOCK_P), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        omask = x_ok[:, None] & c_ok[None, :]
+        d = tl.load(gout_ptr + (b64 * C + c)[None, :] * HW + pix[:, None], mask=omask,
+                    other=0.0).to(tl.float32)
+        for r in range(0, k):
+            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
+                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
+                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
+            g = tl.sum(tl.where(omask, val * d, 0.0), 1) * inv  # (BLOCK_P,)
+            G += tl.where(rr[:, None] == r, g[None, :], 0.0)
+    r_ok = rr < k
+    lmask = r_ok[:, None] & x_ok[None, :]
+    loff = (b64 * k + rr)[:, None] * HW + pix[None, :]
+    L = tl.load(logit_ptr + loff, mask=lmask, other=0.0).to(tl.float32)
+    L = tl.where(r_ok[:, None], L, float("-inf"))
+    mx = tl.max(L, 0)
+    e = tl.exp(L - mx[None, :])
+    w = e / tl.sum(e, 0)[None, :]
+    s = tl.sum(w * G, 0)
+    grad = w * (G - s[None, :])
+    tl.store(glogit_ptr + loff, grad.to(glogit_ptr.dtype.element_ty), mask=lmask)
+    tl.store(w_ptr + loff, w, mask=lmask)
+
+
+@triton.jit
+def _aggregate_bwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, gout_ptr, w_ptr,
+                          gf_ptr, gqm_ptr, gqs_ptr, gkm_ptr, gks_ptr,
+                          H, W, C, m1, m2, n2, N, k, HO, WO, q_top, q_left, k_top, k_left,
+                          HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
+                          BLOCK_QI: tl.constexpr, BLOCK_QJ: tl.constexpr,
+                          BLOCK_C: tl.constexpr, WEIGHTED: tl.constexpr,
+                          DEBUG: tl.constexpr):
+    """Query-centric backward of the aggregation. dZ at HR pixel P of query m, rank r =
+    gout[b, r, :, P] / count(P) (knn mode) or w[b, r, P] * gout[b, :, P] / count(P).
+    gf (B, H, W, C), gkm / gks (B, N, C): fp32, atomically accumulated.
+    gqm / gqs (B, C, M): fp32, stored. One program = BLOCK_QI x BLOCK_QJ queries x BLOCK_C."""
+    BLOCK_Q: tl.constexpr = BLOCK_QI * BLOCK_QJ
+    pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2)
+    njb = tl.cdiv(m2, BLOCK_QJ)
+    ti = pid // njb
+    q = tl.arange(0, BLOCK_Q)
+    i = ti * BLOCK_QI + q // BLOCK_QJ
+    j = (pid - ti * njb) * BLOCK_QJ + q % BLOCK_QJ
+    q_ok = (i < m1) & (j < m2)
+    i = tl.where(q_ok, i, 0)
+    j = tl.where(q_ok, j, 0)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    qc_ok = q_ok[:, None] & c_ok[None, :]
+    M = m1 * m2
+    m = i * m2 + j
+    b64 = b.to(tl.int64)
+    HW = HO * WO
+    f_b = f_ptr + b64 * H * W * C
+    gf_b = gf_ptr + b64 * H * W * C
+    idx_b = idx_ptr + b64 * M * k
+    km_b = km_ptr + b64 * N * C
+    ks_b = ks_ptr + b64 * N * C
+    gkm_b = gkm_ptr + b64 * N * C
+    gks_b = gks_ptr + b64 * N * C
+    q_off = (b64 * M + m)[:, None] * C + c[None, :]
+    sq = tl.load(qs_ptr + q_off, mask=qc_ok, other=0.0)  # mu_q: only its gradient is needed
+    dmq = tl.zeros((BLOCK_Q, BLOCK_C), tl.float32)
+    dsq = tl.zeros((BLOCK_Q, BLOCK_C), tl.float32)
+    X0 = j * HSTRIDE - q_left  # HR column of the first patch column
+    Y0 = i * HSTRIDE - q_top
+    dx1_b = gout_ptr + (b64 * C + c)[None, :] * HW  # WEIGHTED: dx1 (B, C, HO, WO)
+    for r in range(0, k):
+        n = tl.load(idx_b + m * k + r, mask=q_ok, other=0)
+        n_ok = (n >= 0) & (n < N)
+        if DEBUG:
+            tl.device_assert(n_ok | (q_ok == 0), "ignn_triton: idx outside [0, N)")
+        use = q_ok & n_ok
+        nn = tl.where(use, n, 0).to(tl.int32)
+        a = nn // n2
+        bb = nn - a * n2
+        umask = use[:, None] & c_ok[None, :]
+        k_off = nn[:, None] * C + c[None, :]
+        mk = tl.load(km_b + k_off, mask=umask, other=0.0)
+        sk = tl.load(ks_b + k_off, mask=umask, other=1.0)
+        alpha = sq / sk
+        row0 = a * HSTRIDE - k_top  # F row / col of the key block's first pixel
+        col0 = bb * HSTRIDE - k_left
+        if WEIGHTED:
+            g_b = dx1_b
+            w_b = w_ptr + (b64 * k + r) * HW
+        else:
+            g_b = gout_ptr + ((b64 * k + r) * C + c)[None, :] * HW
+        gsum = tl.zeros((BLOCK_Q, BLOCK_C), tl.float32)
+        gfsum = tl.zeros((BLOCK_Q, BLOCK_C), tl.float32)
+        for pos in range(0, HPATCH * HPATCH):  # the query's HR patch, one pixel a step
+            u = pos // HPATCH
+            v = pos - u * HPATCH
+            Y = Y0 + u
+            X = X0 + v
+            p_ok = use & (Y >= 0) & (Y < HO) & (X >= 0) & (X < WO)
+            pm = p_ok[:, None] & c_ok[None, :]
+            cnt = (_cover_count_rel(u, i, m1, HSTRIDE, HPATCH, NSLOT)
+                   * _cover_count_rel(v, j, m2, HSTRIDE, HPATCH, NSLOT))
+            inv = 1.0 / cnt.to(tl.float32)
+            pix = tl.where(p_ok, Y * WO + X, 0)
+            if WEIGHTED:
+                inv = inv * tl.load(w_b + pix, mask=p_ok, other=0.0)
+            g = tl.load(g_b + pix[:, None], mask=pm, other=0.0).to(tl.float32) * inv[:, None]
+            row = row0 + u
+            col = col0 + v
+            f_ok = p_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W)
+            fm = f_ok[:, None] & c_ok[None, :]
+            f_off = (row * W + col)[:, None] * C + c[None, :]
+            f = tl.load(f_b + f_off, mask=fm, other=0.0).to(tl.float32)
+            # g is 0 and f is 0 off the masks: no tl.where needed (mu_k NaN poisons anyway)
+            gsum += g
+            gfsum += g * (f - mk)
+            tl.atomic_add(gf_b + f_off, g * alpha, mask=fm, sem="relaxed")
+        dmq += gsum
+        dsq += gfsum / sk
+        tl.atomic_add(gkm_b + k_off, -gsum * alpha, mask=umask, sem="relaxed")
+        tl.atomic_add(gks_b + k_off, -gfsum * alpha / sk, mask=umask, sem="relaxed")
+    s_off = (b64 * C + c)[None, :] * M + m[:, None]
+    tl.store(gqm_ptr + s_off, dmq, mask=qc_ok)
+    tl.store(gqs_ptr + s_off, dsq, mask=qc_ok)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _on_device(t: torch.Tensor) -> bool:
+    return t.is_cuda or bool(os.environ.get("TRITON_INTERPRET"))
+
+
+def _prepare(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits):
+    """Checks; geometry; channels-last F and channel-contiguous fp32 statistics."""
+    assert feat.dim() == 4 and feat.dtype in _SUPPORTED, \
+        f"feat must be fp32/fp16/bf16 (B, C, H, W); got {feat.dtype} {tuple(feat.shape)}"
+    assert _on_device(feat), "feat must be a CUDA tensor (set TRITON_INTERPRET=1 for CPU)"
+    B, C, H, W = feat.shape
+    geo = graph_geometry(H, W, scale, patch, stride)
+    M, N = geo.num_queries, geo.num_keys
+    assert idx.dtype == torch.int64 and idx.dim() == 3 and idx.shape[:2] == (B, M), \
+        f"idx must be int64 (B, M, k) = ({B}, {M}, k); got {idx.dtype} {tuple(idx.shape)}"
+    for name, t, L in (("q_mean", q_mean, M), ("q_std", q_std, M), ("k_mean", k_mean, N),
+                       ("k_std", k_std, N)):
+        assert tuple(t.shape) == (B, C, L), f"{name} must be ({B}, {C}, {L}); got {tuple(t.shape)}"
+    k = idx.shape[2]
+    if logits is not None:
+        want = (B, k, scale * H, scale * W)
+        assert tuple(logits.shape) == want, \
+            f"logits must be (B, k, sH, sW) = {want}; got {tuple(logits.shape)}"
+        assert logits.dtype in _SUPPORTED, f"logits: fp32, fp16 or bf16 only; got {logits.dtype}"
+        logits = logits.contiguous()
+    if _debug() and not idx.is_cuda and idx.numel():
+        # device asserts are no-ops under the interpreter: the same check, on the host
+        assert int(idx.min()) >= 0 and int(idx.max()) < N, "ignn_triton: idx outside [0, N)"
+    f_cl = feat.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+    stats = [t.to(torch.float32).transpose(1, 2).contiguous()
+             for t in (q_mean, q_std, k_mean, k_std)]  # (B, M|N, C)
+    return geo, f_cl, idx.contiguous(), stats, logits
+
+
+def _geo_args(geo: GraphGeometry, C: int, k: int):
+    s = geo.scale
+    H, W = geo.query_h.size, geo.query_w.size
+    return (H, W, C, geo.m1, geo.m2, geo.n2, geo.num_keys, k, s * H, s * W,
+            s * geo.query_h.pad_before, s * geo.query_w.pad_before,
+            s * geo.son_h.pad_before, s * geo.son_w.pad_before)
+
+
+def _geo_constexprs(geo: GraphGeometry) -> dict:
+    return {"HSTRIDE": geo.hr_stride, "HPATCH": geo.hr_patch,
+            "NSLOT": triton.cdiv(geo.hr_patch, geo.hr_stride)}
+
+
+def _pixel_tiles(HO: int, WO: int, block_y: int, block_x: int) -> int:
+    return triton.cdiv(HO, block_y) * triton.cdiv(WO, block_x)
+
+
+def _launch_options(num_warps: int, num_stages: int) -> dict:
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if _debug():
+        opts["debug"] = True  # compile tl.device_assert in (CUDA); ignored by the interpreter
+    return opts
+
+
+def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
+                    q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
+                    scale: int, patch: int = 3, stride: int = 2,
+                    logits: torch.Tensor | None = None, *,
+                    config: AggregateConfig | None = None) -> torch.Tensor:
+    """AdaPN aggregation (spec section 6), in feat's dtype, computed in fp32.
+
+    feat (B, C, H, W) fp32/fp16/bf16; idx (B, M, k) int64 son indices; q_mean, q_std
+    (B, C, M) and k_mean, k_std (B, C, N) (any float dtype, used as fp32).
+    logits None: knn_hr (B, k, C, sH, sW) (reference.graph.aggregate).
+    logits (B, k, sH, sW): x1_hr (B, C, sH, sW) = sum_r softmax_r(logits) knn_hr[:, r]
+    (reference.graph.weighted_sum), without materialising knn_hr.
+    An idx outside [0, N) gives NaN where it is used (IGNN_TRITON_DEBUG=1: an assertion)."""
+    geo, f_cl, idx, (qm, qs, km, ks), logits = _prepare(
+        feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
+    B, C, H, W = feat.shape
+    k = idx.shape[2]
+    HO, WO = scale * H, scale * W
+    weighted = logits is not None
+    shape = (B, C, HO, WO) if weighted else (B, k, C, HO, WO)
+    out = torch.empty(shape, device=feat.device, dtype=feat.dtype)
+    if out.numel() == 0:
+        return out
+    if k == 0:  # weighted with no neighbours: the sum of nothing
+        return out.zero_()
+    cfg = config or default_aggregate_config(C, feat.dtype)
+    grid = (_pixel_tiles(HO, WO, cfg.block_y, cfg.block_x), triton.cdiv(C, cfg.block_c), B)
+    _aggregate_fwd_kernel[grid](
+        f_cl, idx, qm, qs, km, ks, logits if weighted else out, out, *_geo_args(geo, C, k),
+        **_geo_constexprs(geo), BLOCK_Y=cfg.block_y, BLOCK_X=cfg.block_x, BLOCK_C=cfg.block_c,
+        WEIGHTED=weighted,
+        DEBUG=_debug(), **_launch_options(cfg.num_warps, cfg.num_stages))
+    return out
+
+
+def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
+                             q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
+                             grad_out: torch.Tensor, scale: int, patch: int = 3,
+                             stride: int = 2, logits: torch.Tensor | None = None, *,
+                             config: AggregateConfig | None = None):
+    """Backward of patch_aggregate with the four statistics as independent inputs.
+
+    grad_out: d loss / d knn_hr (B, k, C, sH, sW), or d loss / d x1_hr (B, C, sH, sW) when
+    logits is given. Returns (grad_feat fp32 (B, C, H, W), grad_q_mean, grad_q_std
+    fp32 (B, C, M), grad_k_mean, grad_k_std fp32 (B, C, N), grad_logits (logits' dtype,
+    (B, k, sH, sW)) or None). grad_feat and the key-statistics gradients are accumulated
+    with fp32 atomics: correct to rounding but not bit-deterministic run to run; the others
+    are deterministic. Cast grad_feat to feat's dtype after adding the statistics' own
+    backward (kernels.patch_stats_backward(..., out=grad_feat))."""
+    geo, f_cl, idx, (qm, qs, km, ks), logits = _prepare(
+        feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
+    B, C, H, W = feat.shape
+    k = idx.shape[2]
+    M, N = geo.num_queries, geo.num_keys
+    HO, WO = scale * H, scale * W
+    weighted = logits is not None
+    shape = (B, C, HO, WO) if weighted else (B, k, C, HO, WO)
+    assert tuple(grad_out.shape) == shape, f"grad_out must be {shape}; got {tuple(grad_out.shape)}"
+    grad_out = grad_out.contiguous()
+    dev = feat.device
+    gf = torch.zeros(B, H, W, C, device=dev, dtype=torch.float32)
+    gqm = torch.zeros(B, C, M, device=dev, dtype=torch.float32)
+    gqs = torch.zeros_like(gqm)
+    gkm = torch.zeros(B, N, C, device=dev, dtype=torch.float32)
+    gks = torch.zeros_like(gkm)
+    glogits = torch.zeros_like(logits) if weighted else None
+    if B * C * H * W == 0 or k == 0:
+        return (gf.permute(0, 3, 1, 2).contiguous(), gqm, gqs,
+                gkm.transpose(1, 2).contiguous(), gks.transpose(1, 2).contiguous(), glogits)
+    cfg = config or default_aggregate_config(C, feat.dtype)
+    args = _geo_args(geo, C, k)
+    consts = _geo_constexprs(geo)
+    if weighted:
+        w = torch.empty(B, k, HO, WO, device=dev, dtype=torch.float32)
+        grid = (_pixel_tiles(HO, WO, cfg.block_ly, cfg.block_lx), B)
+        _aggregate_bwd_logits_kernel[grid](
+            f_cl, idx, qm, qs, km, ks, logits, grad_out, glogits, w, *args, **consts,
+            KPAD=triton.next_power_of_2(k), BLOCK_Y=cfg.block_ly, BLOCK_X=cfg.block_lx,
+            BLOCK_C=cfg.block_lc, DEBUG=_debug(),
+            **_launch_options(cfg.l_num_warps, cfg.num_stages))
+    else:
+        w = qm  # unused
+    grid = (triton.cdiv(geo.m1, cfg.block_qi) * triton.cdiv(geo.m2, cfg.block_qj),
+            triton.cdiv(C, cfg.block_qc), B)
+    _aggregate_bwd_kernel[grid](
+        f_cl, idx, qm, qs, km, ks, grad_out, w, gf, gqm, gqs, gkm, gks, *args, **consts,
+        BLOCK_QI=cfg.block_qi, BLOCK_QJ=cfg.block_qj, BLOCK_C=cfg.block_qc, WEIGHTED=weighted,
+        DEBUG=_debug(), **_launch_options(cfg.q_num_warps, cfg.num_stages))
+    return (gf.permute(0, 3, 1, 2).contiguous(), gqm, gqs, gkm.transpose(1, 2).contiguous(),
+            gks.transpose(1, 2).contiguous(), glogits)
+
+
+# --------------------------------------------------------------------------- AOT specs
+
+# Default configs for the model: C = 256 (paper; 64 for small models uses the same tiles),
+# k = 5, p = 3, t = 2, s = 2 (x2 and x4 models) for every dtype, s = 3 (x3) for fp32.
+DEFAULT_CONFIGS = [
+    {"dtype": dt, "C": 256, "k": 5, "scale": s, "config": default_aggregate_config(256, dt)}
+    for dt, s in ((torch.float32, 2), (torch.float16, 2), (torch.bfloat16, 2),
+                  (torch.float32, 3))
+]
+
+_INT_ARGS = ("H", "W", "C", "m1", "m2", "n2", "N", "k", "HO", "WO", "q_top", "q_left",
+             "k_top", "k_left")
+
+
+def aot_specs(configs=None):
+    """(name, kernel, signature, constexprs, options) of every kernel the launchers run with
+    the default configs (DEBUG off); consumed by kernels.aot and tests/test_aot.py."""
+    specs = []
+    for c in configs or DEFAULT_CONFIGS:
+        ty, s, cfg = _TL_TYPES[c["dtype"]], c["scale"], c["config"]
+        geo = {"HSTRIDE": 2 * s, "HPATCH": 3 * s, "NSLOT": triton.cdiv(3 * s, 2 * s)}
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        ints = {n: "i32" for n in _INT_ARGS}
+        stats = {n: "*fp32" for n in ("qm_ptr", "qs_ptr", "km_ptr", "ks_ptr")}
+        for weighted in (False, True):
+            mode = "x1" if weighted else "knn"
+            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "logit_ptr": f"*{ty}",
+                   "out_ptr": f"*{ty}", **ints}
+            const = {**geo, "BLOCK_Y": cfg.block_y, "BLOCK_X": cfg.block_x,
+                     "BLOCK_C": cfg.block_c, "WEIGHTED": weighted, "DEBUG": False}
+            sig.update({n: "constexpr" for n in const})
+            specs.append((f"aggregate_fwd_{mode}_s{s}[{ty}]", _aggregate_fwd_kernel, sig,
+                          const, opts))
+            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "gout_ptr": f"*{ty}",
+                   "w_ptr": "*fp32", "gf_ptr": "*fp32", "gqm_ptr": "*fp32", "gqs_ptr": "*fp32",
+                   "gkm_ptr": "*fp32", "gks_ptr": "*fp32", **ints}
+            const = {**geo, "BLOCK_QI": cfg.block_qi, "BLOCK_QJ": cfg.block_qj,
+                     "BLOCK_C": cfg.block_qc, "WEIGHTED": weighted, "DEBUG": False}
+            sig.update({n: "constexpr" for n in const})
+            specs.append((f"aggregate_bwd_{mode}_s{s}[{ty}]", _aggregate_bwd_kernel, sig,
+                          const, {"num_warps": cfg.q_num_warps, "num_stages": cfg.num_stages}))
+        sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "logit_ptr": f"*{ty}",
+               "gout_ptr": f"*{ty}", "glogit_ptr": f"*{ty}", "w_ptr": "*fp32", **ints}
+        const = {**geo, "KPAD": triton.next_power_of_2(c["k"]), "BLOCK_Y": cfg.block_ly,
+                 "BLOCK_X": cfg.block_lx, "BLOCK_C": cfg.block_lc, "DEBUG": False}
+        sig.update({n: "constexpr" for n in const})
+        specs.append((f"aggregate_bwd_logits_s{s}[{ty}]", _aggregate_bwd_logits_kernel, sig,
+                      const, {"num_warps": cfg.l_num_warps, "num_stages": cfg.num_stages}))
+    return specs
