@@ -50,6 +50,7 @@ class Bench:
         self.quick = quick
         self.rows: list[Row] = []
         self.subset: list[str] = []  # the --only workloads, named in the results file
+        self.out_dir: Path | None = None
         self.ceilings: dict = {}
 
     def time_ms(self, fn) -> float:
@@ -90,6 +91,8 @@ class Bench:
                 torch.cuda.empty_cache()
         self.rows.append(row)
         print(format_row(row, self.ceilings), flush=True)
+        if self.out_dir is not None:  # rewrite after every row: a cut-off run keeps its rows
+            write_results(self, self.out_dir)
 
     def measure_ceilings(self) -> None:
         """Copy bandwidth (bytes read + written) and matmul rates, in this run."""
@@ -107,7 +110,7 @@ class Bench:
         print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in self.ceilings.items()))
 
 
-COMPILE = True  # torch.compile(reference) columns; off for --smoke
+COMPILE = True  # torch.compile(reference) columns; off for --smoke and --no-compile
 
 
 def compiled(fn):
@@ -316,16 +319,19 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="subset of: matching ga model train")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile(reference) columns")
     parser.add_argument("--render", type=Path, help="only rewrite the .md of a results .json")
     args = parser.parse_args(argv)
     if args.render:
         args.render.with_suffix(".md").write_text(render_markdown(json.loads(args.render.read_text())))
         return 0
     global COMPILE
-    COMPILE = not args.smoke
+    COMPILE = not (args.smoke or args.no_compile)
     b = Bench(args.device, quick=args.smoke)
     wanted = set(args.only or ["matching", "ga", "model", "train"])
     b.subset = sorted(args.only or [])
+    b.out_dir = args.out
     b.measure_ceilings()
     if args.smoke:
         shapes = dict(matching=[(8, 16, 16, 2, 3, 4)], ga=[(8, 16, 16, 4)],
