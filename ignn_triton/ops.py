@@ -28,6 +28,11 @@ def _use_triton(*tensors: torch.Tensor) -> bool:
                                       if t.is_floating_point())
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 accumulation, or fp64 for fp64 inputs (the tests' oracle precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _check_embeddings(ye: torch.Tensor, xe: torch.Tensor, scale: int) -> None:
     for name, t in (("ye", ye), ("xe", xe)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -135,7 +140,7 @@ def _patch_knn_torch(ye: torch.Tensor, xe: torch.Tensor, k: int, geo: GraphGeome
     """Query rows in chunks: distances to the son rows their windows touch, then the
     wh*ww in-window candidates per query, then a stable sort (ties to the smaller n,
     NaN last). Temporaries are O(chunk * wh * ww)."""
-    work = torch.float64 if ye.dtype == torch.float64 else torch.float32
+    work = _work_dtype(ye)
     B = ye.shape[0]
     q = _query_patches(ye.to(work), geo).flatten(1, 2)  # (B, D, M)
     key = _son_patches(xe.to(work), geo).flatten(1, 2)  # (B, D, N)
@@ -187,7 +192,7 @@ def _(ye, xe, idx, scale, patch, stride):
 
 
 def _edge_features_torch(ye, xe, idx, geo: GraphGeometry) -> torch.Tensor:
-    work = torch.float64 if ye.dtype == torch.float64 else torch.float32
+    work = _work_dtype(ye)
     B, E = ye.shape[:2]
     k = idx.shape[2]
     q = _query_patches(ye.to(work), geo)  # (B, E, P, M)
@@ -244,11 +249,6 @@ def fold_edges(diff: torch.Tensor, lr_hw: tuple[int, int], scale: int = 2, patch
 
 
 # --------------------------------------------------------------------------- AdaPN
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 accumulation, or fp64 for fp64 inputs (the tests' oracle precision)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
 
 def _check_feat(feat: torch.Tensor) -> None:
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4 or feat.dtype not in _FLOAT_DTYPES:
