@@ -329,6 +329,8 @@ def main(argv=None) -> int:
     global COMPILE
     COMPILE = not (args.smoke or args.no_compile)
     b = Bench(args.device, quick=args.smoke)
+    if b.cuda:  # fixed shapes: let cuDNN time its algorithms, as a deployment would
+        torch.backends.cudnn.benchmark = True
     wanted = set(args.only or ["matching", "ga", "model", "train"])
     b.subset = sorted(args.only or [])
     b.out_dir = args.out
