@@ -1,12 +1,18 @@
 """torch.profiler view of IGNN: where the time goes, stage by stage.
 
     python profiling/trace.py [--size 128] [--precision bf16] [--out profiling/results]
+    python profiling/trace.py --nsys --workload train     (under nsys: see nsys.sh)
 
 Runs two workloads with the stage ranges on (ignn_triton.profiling): (a) inference of
 IGNN x4 on a (1, 3, size, size) input, (b) one mixed-precision training step (B = 16,
 LR 40x40 on CUDA; smaller on CPU). For each it writes a Chrome trace
 (<out>/trace-<workload>.json, open in chrome://tracing or Perfetto) and prints a table of
 time per stage range, plus the top kernels.
+
+With --nsys it runs one workload for `nsys profile --capture-range=cudaProfilerApi`: the
+timed steps sit between cudaProfilerStart/Stop, stages in NVTX ranges, and the training
+step under torch.autograd.profiler.emit_nvtx, whose per-op ranges carry sequence numbers
+that tie each backward kernel to the forward op (and so the stage) it came from.
 """
 from __future__ import annotations
 
@@ -56,6 +62,18 @@ def run(name: str, fn, device: str, out: Path, steps: int) -> str:
     return f"## {name} ({steps} steps)\n\n{stage_table(prof, device)}\n\n```\n{kernels}\n```\n"
 
 
+def run_nsys(name: str, fn, steps: int) -> str:
+    """The timed steps inside a cudaProfilerStart/Stop capture range."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.cuda.profiler.profile():
+        with torch.autograd.profiler.emit_nvtx(enabled=name.startswith("train")):
+            for _ in range(steps):
+                fn()
+        torch.cuda.synchronize()
+    return f"captured {steps} steps of {name}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,8 +83,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n-resblocks", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--nsys", action="store_true",
+                        help="capture-range mode for nsys (CUDA only), no torch.profiler")
+    parser.add_argument("--workload", choices=("inference", "train", "both"), default="both")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.nsys and not cuda:
+        parser.error("--nsys needs a CUDA device")
     size = args.size or (128 if cuda else 32)
     C = args.n_feats or (256 if cuda else 16)
     blocks = args.n_resblocks or (32 if cuda else 2)
@@ -97,11 +120,18 @@ def main(argv=None) -> int:
         scaler.step(optimizer)
         scaler.update()
 
+    workloads = {f"inference-{size}": infer, f"train-B{batch}-{lr}": train}
+    if args.workload != "both":
+        workloads = {k: v for k, v in workloads.items() if k.startswith(args.workload)}
+    if args.nsys:
+        for name, fn in workloads.items():
+            print(run_nsys(name, fn, args.steps))
+        return 0
     header = (f"# torch.profiler trace: IGNN x4, C={C}, {blocks} blocks, {precision}, "
               f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if cuda else "") + "\n\n"
               f"torch {torch.__version__}\n\n")
-    report = header + run(f"inference-{size}", infer, args.device, args.out, args.steps)
-    report += "\n" + run(f"train-B{batch}-{lr}", train, args.device, args.out, args.steps)
+    report = header + "\n".join(run(name, fn, args.device, args.out, args.steps)
+                                for name, fn in workloads.items())
     (args.out / "trace.md").write_text(report)
     print(report)
     return 0

@@ -56,3 +56,16 @@ def test_bench_smoke_run_writes_results(tmp_path):
     for row in data["rows"]:
         assert all(isinstance(ms, float) and ms > 0 for ms in row["ms"].values()), row
     assert data["ceilings"]["copy_GBps"] > 0
+
+
+def test_trace_script_reports_every_stage(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "profiling" / "trace.py"), "--steps", "1",
+                    "--size", "16", "--n-feats", "4", "--n-resblocks", "2", "--out",
+                    str(tmp_path)], check=True, capture_output=True, text=True)
+    report = (tmp_path / "trace.md").read_text()
+    for name in STAGES:
+        assert f"| {name} |" in report, name
+    traces = sorted(p.name for p in tmp_path.glob("trace-*.json"))
+    assert traces == ["trace-inference-16.json", "trace-train-B2-24.json"]
+    assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
