@@ -1,7 +1,11 @@
-"""Command line: `ignn-triton demo` (the README's first command)."""
+"""Command line: `ignn-triton demo` (the README's first command), `ignn-triton upscale`
+(super-resolve files and folders) and `ignn-triton eval` (PSNR/SSIM against HR images)."""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import sys
 import time
 from importlib import resources
@@ -10,8 +14,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .images import psnr_y, read_image, write_image
+from .images import atomic_write, read_array, read_image, write_array, write_image
 from .imresize import imresize
+from .metrics import psnr_y, ssim_y
 from .model import IGNN
 
 BUNDLED_IMAGE = "astronaut.png"  # 256x256 crop of NASA's public-domain portrait (skimage)
@@ -51,6 +56,169 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _collect_inputs(inputs: list[Path]) -> list[Path]:
+    """Image files named or found (non-recursively) in the named folders; ValueError for a
+    missing path, an unsupported file or a folder with no images."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{path}: unsupported format {path.suffix or '(no suffix)'!r}; "
+                                 f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    return files
+
+
+def upscale_cmd(args: argparse.Namespace) -> int:
+    """Super-resolve every input image into the output folder; everything is checked
+    (inputs readable, outputs distinct and not inputs, checkpoint and scale) before the
+    first file is written."""
+    from tqdm import tqdm
+
+    from .upscale import Upscaler
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: output path exists and is not a folder")
+    files = _collect_inputs(args.inputs)
+    _check_tile(args)
+    ext = args.ext.lower().lstrip(".") if args.ext else None
+    if ext is not None and "." + ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"--ext {args.ext!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
+    if args.weights is None:
+        raise ValueError("no built-in weights ship with ignn_triton yet; pass --weights PATH "
+                         "(a released IGNN_x*.pth, an EDSR .pt or our .safetensors)")
+    upscaler = Upscaler(args.weights, device=args.device, precision=args.precision,
+                        compile=args.compile)
+    if args.scale is not None and args.scale != upscaler.scale:
+        raise ValueError(f"--scale {args.scale} is not supported by {args.weights}, which is a "
+                         f"x{upscaler.scale} model")
+    scale = upscaler.scale
+    inputs = {f.resolve() for f in files}
+    targets = {}
+    for f in files:
+        target = out / f"{f.stem}_x{scale}.{ext or f.suffix.lower().lstrip('.')}"
+        if target.resolve() in inputs:
+            raise ValueError(f"{target}: output would overwrite an input file; choose another "
+                             "output folder")
+        if target.resolve() in {t.resolve() for t in targets.values()}:
+            raise ValueError(f"{target}: two inputs would write the same output file")
+        targets[f] = target
+    for f in files:  # decode everything first: a corrupt file stops the run before any write
+        array = read_array(f)
+        if targets[f].suffix.lower() in (".jpg", ".jpeg") and array.ndim == 3 \
+                and array.shape[2] == 4:
+            raise ValueError(f"{f}: has an alpha channel, which JPEG cannot store; use --ext png")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tqdm(files, desc="images", unit="image", disable=len(files) == 1):
+        array = read_array(f)
+        start = time.perf_counter()
+        sr = upscaler(array, tile=args.tile, tile_overlap=args.tile_overlap,
+                      self_ensemble=args.self_ensemble, progress=True)
+        seconds = time.perf_counter() - start
+        write_array(sr, targets[f])
+        tqdm.write(f"{f}: {array.shape[1]}x{array.shape[0]} -> {sr.shape[1]}x{sr.shape[0]} in "
+                   f"{seconds:.2f} s on {upscaler.device.type} ({upscaler.precision}) -> "
+                   f"{targets[f]}")
+    return 0
+
+
+def _check_tile(args: argparse.Namespace) -> None:
+    if args.tile_overlap < 0:
+        raise ValueError(f"--tile-overlap must be >= 0; got {args.tile_overlap}")
+    if args.tile is not None and args.tile <= args.tile_overlap:
+        raise ValueError(f"--tile ({args.tile}) must be larger than --tile-overlap "
+                         f"({args.tile_overlap})")
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    """PSNR/SSIM (Y, border S) of bicubic and of the model on every HR image of a folder."""
+    from .upscale import Upscaler
+
+    S = args.scale
+    hr_files = _collect_inputs([args.hr])
+    _check_tile(args)
+    if args.weights is None:
+        raise ValueError("eval needs --weights PATH (no built-in weights ship yet)")
+    upscaler = Upscaler(args.weights, device=args.device, precision=args.precision)
+    if upscaler.scale != S:
+        raise ValueError(f"--scale {S} is not supported by {args.weights}, which is a "
+                         f"x{upscaler.scale} model")
+    lr_files = {}
+    if args.lr is not None:
+        lr_files = {p.stem: p for p in _collect_inputs([args.lr])}
+        missing = [f.name for f in hr_files if f.stem not in lr_files]
+        if missing:
+            raise ValueError(f"{args.lr}: no LR image for {', '.join(missing)}")
+    rows = []
+    for f in hr_files:
+        hr = read_image(f)
+        hr = hr[..., : hr.shape[2] // S * S, : hr.shape[3] // S * S]
+        if hr.numel() == 0:
+            raise ValueError(f"{f}: smaller than {S}x{S}")
+        if args.lr is not None:
+            lr = read_image(lr_files[f.stem])
+            if tuple(lr.shape[-2:]) != (hr.shape[2] // S, hr.shape[3] // S):
+                raise ValueError(f"{lr_files[f.stem]}: LR is {lr.shape[3]}x{lr.shape[2]}, "
+                                 f"expected {hr.shape[3] // S}x{hr.shape[2] // S}")
+        else:
+            lr = imresize(hr, 1 / S).clamp(0, 1)
+        bicubic = imresize(lr, S).clamp(0, 1)
+        sr = upscaler(lr, tile=args.tile, tile_overlap=args.tile_overlap,
+                      self_ensemble=args.self_ensemble)
+        rows.append(dict(image=f.name, width=hr.shape[3], height=hr.shape[2],
+                         bicubic_psnr=psnr_y(bicubic, hr, S), bicubic_ssim=ssim_y(bicubic, hr, S),
+                         model_psnr=psnr_y(sr, hr, S), model_ssim=ssim_y(sr, hr, S)))
+    keys = ("bicubic_psnr", "bicubic_ssim", "model_psnr", "model_ssim")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    name_w = max(5, *(len(r["image"]) for r in rows))
+    print(f"{'image':<{name_w}}  {'bicubic PSNR':>12}  {'SSIM':>6}  {'model PSNR':>10}  {'SSIM':>6}")
+    for r in rows + [dict(image="mean", **mean)]:
+        print(f"{r['image']:<{name_w}}  {r['bicubic_psnr']:12.4f}  {r['bicubic_ssim']:6.4f}  "
+              f"{r['model_psnr']:10.4f}  {r['model_ssim']:6.4f}")
+    out = Path(args.out)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["image", "width", "height", *keys])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    writer.writerow({"image": "mean", "width": "", "height": "",
+                     **{k: repr(v) for k, v in mean.items()}})
+    _write_text(out, buf.getvalue())
+    summary = dict(scale=S, weights=str(args.weights), images=rows, mean=mean)
+    _write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, help="IGNN/EDSR checkpoint (.pth or .safetensors)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--tile", type=int, help="process LR tiles of this size (saves memory)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="tile overlap in LR pixels")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the 8 flip/transpose variants (8x slower)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ignn-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-feats", type=int, default=32)
     p.add_argument("--n-resblocks", type=int, default=4)
     p.set_defaults(run=demo)
+    p = commands.add_parser("upscale", help="super-resolve image files or folders")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--scale", type=int, help="check that the checkpoint has this scale")
+    _add_run_options(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--ext", help="output format (png, jpg, ...); default: the input's")
+    p.set_defaults(run=upscale_cmd)
+    p = commands.add_parser("eval", help="PSNR/SSIM (Y) of bicubic and the model on HR images")
+    p.add_argument("--hr", required=True, type=Path, help="folder of HR images")
+    p.add_argument("--lr", type=Path, help="folder of paired LR images (same stems)")
+    p.add_argument("--scale", required=True, type=int)
+    p.add_argument("--out", type=Path, default=Path("results.csv"),
+                   help="CSV file (a .json beside it); default results.csv")
+    _add_run_options(p)
+    p.set_defaults(run=eval_cmd)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

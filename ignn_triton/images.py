@@ -1,24 +1,227 @@
-"""Reading and writing images as (1, 3, H, W) float tensors in [0, 1], and PSNR on Y."""
+"""Reading and writing images, atomically.
+
+- `read_array` / `write_array`: numpy arrays as stored: (H, W) grayscale, (H, W, 3) RGB or
+  (H, W, 4) RGBA, uint8 or uint16. 16-bit PNGs (which Pillow only reads as grayscale) go
+  through a small PNG codec here, so 16-bit RGB/RGBA stay 16-bit.
+- `read_image` / `write_image`: (1, 3, H, W) float32 RGB tensors in [0, 1].
+Writes go to a temporary file in the target folder renamed into place: never a
+half-written file.
+"""
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def supported_extensions() -> set[str]:
+    """Lower-case file suffixes (".png", ...) that Pillow can both read and write."""
+    Image.init()
+    ext = Image.registered_extensions()
+    return {e for e, fmt in ext.items() if fmt in Image.OPEN and fmt in Image.SAVE}
+
+
+# --- 16-bit PNG codec -------------------------------------------------------------------
+
+def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
+    """Undo PNG's per-row filters: (height, stride) uint8."""
+    rows = np.frombuffer(raw, np.uint8).reshape(height, stride + 1)
+    out = np.empty((height, stride), np.uint8)
+    prev = np.zeros(stride, np.int64)
+    for r in range(height):
+        kind, line = rows[r, 0], rows[r, 1:].astype(np.int64)
+        if kind == 0:
+            cur = line
+        elif kind == 1:  # Sub: cumulative along the row, per byte position in the pixel
+            cur = np.cumsum(line.reshape(-1, bpp), axis=0).reshape(-1) & 255
+        elif kind == 2:  # Up
+            cur = (line + prev) & 255
+        elif kind in (3, 4):  # Average, Paeth: sequential along the row
+            vals, up = line.tolist(), prev.tolist()
+            for i in range(stride):
+                left = vals[i - bpp] if i >= bpp else 0
+                if kind == 3:
+                    pred = (left + up[i]) >> 1
+                else:
+                    ul = up[i - bpp] if i >= bpp else 0
+                    p = left + up[i] - ul
+                    pa, pb, pc = abs(p - left), abs(p - up[i]), abs(p - ul)
+                    pred = left if pa <= pb and pa <= pc else (up[i] if pb <= pc else ul)
+                vals[i] = (vals[i] + pred) & 255
+            cur = np.array(vals, np.int64)
+        else:
+            raise ValueError(f"corrupt PNG: unknown row filter {kind}")
+        out[r] = cur
+        prev = cur
+    return out
+
+
+def _read_png16(data: bytes) -> np.ndarray:
+    """A non-interlaced 16-bit PNG as uint16 (H, W) or (H, W, C); gray+alpha becomes RGBA."""
+    pos, idat, header = len(PNG_SIGNATURE), [], None
+    while True:
+        if pos + 8 > len(data):
+            raise ValueError("truncated PNG (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        body = data[pos + 8: pos + 8 + length]
+        crc = data[pos + 8 + length: pos + 12 + length]
+        if len(body) != length or len(crc) != 4:
+            raise ValueError("truncated PNG")
+        if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
+            raise ValueError(f"corrupt PNG: bad CRC in {kind.decode('latin-1')!r} chunk")
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+    if header is None:
+        raise ValueError("corrupt PNG: no IHDR chunk")
+    width, height, depth, colour, _, _, interlace = header
+    if width == 0 or height == 0:
+        raise ValueError(f"image is {width}x{height}; it must be at least 1x1")
+    if depth != 16 or colour not in _PNG_CHANNELS:
+        raise ValueError(f"unsupported PNG: bit depth {depth}, colour type {colour}")
+    if interlace:
+        raise ValueError("unsupported PNG: interlaced 16-bit images")
+    channels = _PNG_CHANNELS[colour]
+    stride = width * channels * 2
+    try:
+        raw = zlib.decompress(b"".join(idat))
+    except zlib.error as e:
+        raise ValueError(f"corrupt PNG image data ({e})") from e
+    if len(raw) != height * (stride + 1):
+        raise ValueError(f"corrupt PNG: {len(raw)} bytes of image data, expected "
+                         f"{height * (stride + 1)}")
+    pixels = _unfilter(raw, height, stride, channels * 2)
+    array = pixels.view(">u2").astype(np.uint16).reshape(height, width, channels)
+    if channels == 1:
+        return array[..., 0]
+    if channels == 2:  # gray + alpha -> RGBA
+        return np.concatenate([array[..., :1].repeat(3, axis=2), array[..., 1:]], axis=2)
+    return array
+
+
+def _png16_bytes(array: np.ndarray) -> bytes:
+    """Encode uint16 (H, W), (H, W, 3) or (H, W, 4) as a 16-bit PNG (no row filters)."""
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    colour = {1: 0, 3: 2, 4: 6}[channels]
+    raw = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, -1)
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), raw], axis=1)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    return (PNG_SIGNATURE
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+# --- arrays -------------------------------------------------------------------------------
+
+def _from_pil(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(img).astype(np.uint16)
+    if mode == "I":
+        return np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+    if mode in ("1", "L"):
+        return np.asarray(img.convert("L"))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"))
+    return np.asarray(img.convert("RGB"))
+
+
+def read_array(path) -> np.ndarray:
+    """An image file as stored: (H, W), (H, W, 3) or (H, W, 4), uint8 or uint16.
+    Raises ValueError naming the file for anything unreadable, truncated or empty."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:8] == PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            if width == 0 or height == 0:
+                raise ValueError(f"image is {width}x{height}; it must be at least 1x1")
+        if data[:8] == PNG_SIGNATURE and len(data) >= 25 and data[24] == 16:
+            array = _read_png16(data)
+        else:
+            with Image.open(path) as img:
+                img.load()
+                array = _from_pil(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+    if array.ndim < 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{path}: image is {array.shape[:2]}; it must be at least 1x1")
+    return np.ascontiguousarray(array)
+
+
+def atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_array(array: np.ndarray, path) -> None:
+    """Write (H, W), (H, W, 3) or (H, W, 4) uint8/uint16 atomically, format from the suffix.
+    uint16 stays 16-bit in PNG; other formats get it rounded to 8 bits. JPEG cannot store
+    an alpha channel: a ValueError."""
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype not in (np.uint8, np.uint16) or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"write_array: expected (H, W[, 3|4]) uint8 or uint16; got "
+                         f"{array.shape} {array.dtype}")
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg") and array.ndim == 3 and array.shape[2] == 4:
+        raise ValueError(f"{path}: JPEG cannot store an alpha channel (write PNG instead)")
+    if array.dtype == np.uint16 and suffix == ".png":
+        data = _png16_bytes(array)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+    else:
+        if array.dtype == np.uint16:
+            array = np.round(array / 257.0).astype(np.uint8)
+
+        def write(tmp):
+            Image.fromarray(array).save(tmp, format=Image.registered_extensions().get(suffix))
+    atomic_write(path, write)
+
+
+# --- tensors ------------------------------------------------------------------------------
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W[, C]) uint8/uint16 -> (1, C, H, W) float32 in [0, 1] (C = 1, 3 or 4)."""
+    peak = 65535.0 if array.dtype == np.uint16 else 255.0
+    t = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32) / peak)
+    t = t[..., None] if t.dim() == 2 else t
+    return t.permute(2, 0, 1)[None].contiguous()
+
 
 def read_image(path) -> torch.Tensor:
-    """An image file as (1, 3, H, W) float32 RGB in [0, 1] (grayscale is promoted)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from e
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+    """An image file as (1, 3, H, W) float32 RGB in [0, 1] (gray promoted, alpha dropped)."""
+    t = array_to_tensor(read_array(path))
+    return t.expand(-1, 3, -1, -1).contiguous() if t.shape[1] == 1 else t[:, :3].contiguous()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -28,24 +231,4 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def write_image(x: torch.Tensor, path) -> None:
     """Write (1, 3, H, W) in [0, 1] as 8-bit RGB, atomically (temporary file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        Image.fromarray(to_uint8(x)).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def psnr_y(a: torch.Tensor, b: torch.Tensor, border: int) -> float:
-    """PSNR (dB) on the BT.601 Y channel of 8-bit-quantised RGB images, `border` pixels
-    cropped on each side: the standard SR convention (spec section 9)."""
-    def luma(x):
-        rgb = torch.from_numpy(to_uint8(x)).double() / 255.0
-        y = 16.0 + rgb @ torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64)
-        return y[border: y.shape[0] - border, border: y.shape[1] - border]
-
-    mse = (luma(a) - luma(b)).square().mean().item()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    write_array(to_uint8(x), path)
