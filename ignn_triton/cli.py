@@ -51,8 +51,9 @@ def demo(args: argparse.Namespace) -> int:
     print(f"model: {origin}")
     print(f"{tuple(lr.shape[-2:])} -> {tuple(sr.shape[-2:])} x{scale} on cpu in {seconds:.2f} s; "
           f"wrote {out}/ignn_x{scale}.png")
-    print(f"PSNR (Y, border {scale}) vs original: bicubic {psnr_y(bicubic, hr, scale):.2f} dB, "
-          f"IGNN {psnr_y(sr, hr, scale):.2f} dB")
+    print(f"PSNR / SSIM (Y, border {scale}) vs original: bicubic "
+          f"{psnr_y(bicubic, hr, scale):.2f} dB / {ssim_y(bicubic, hr, scale):.4f}, "
+          f"IGNN {psnr_y(sr, hr, scale):.2f} dB / {ssim_y(sr, hr, scale):.4f}")
     return 0
 
 

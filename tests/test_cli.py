@@ -14,8 +14,9 @@ def test_demo_writes_images_and_reports_psnr(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "bicubic_x4.png", "ignn_x4.png", "lr.png"]
     assert "(64, 64) -> (256, 256) x4" in out
-    bicubic = float(re.search(r"bicubic ([\d.]+) dB", out).group(1))
-    assert 20 < bicubic < 40  # a real photograph downscaled and upscaled again
+    bicubic, ssim = re.search(r"bicubic ([\d.]+) dB / ([\d.]+)", out).groups()
+    assert 20 < float(bicubic) < 40  # a real photograph downscaled and upscaled again
+    assert 0.5 < float(ssim) < 1
 
 
 def test_demo_with_weights_and_a_bad_checkpoint(tmp_path, capsys):
