@@ -339,16 +339,17 @@ def key_stats(feat: torch.Tensor, scale: int = 2, patch: int = 3, stride: int = 
     return _patch_stats(feat.contiguous(), *_key_grid(geo))
 
 
-def _fold_hr_blocks(z: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """z (B, C, (p*s)^2, M) per-query HR blocks -> overlap-averaged HR map (B, C, sH, sW)."""
+def _fold_hr_blocks(z: torch.Tensor, count: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
+    """z (B, C, (p*s)^2, M) per-query HR blocks -> overlap-averaged HR map (B, C, sH, sW);
+    count is _hr_count(geo)."""
     s = geo.scale
-    count = _hr_count(geo, z)
     total = F.fold(z.flatten(1, 2), tuple(count.shape), geo.hr_patch, stride=geo.hr_stride)
     top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
     return (total / count)[..., top: top + s * geo.query_h.size, left: left + s * geo.query_w.size]
 
 
-def _aggregate_chunk(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, geo: GraphGeometry):
+def _aggregate_chunk(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, count,
+                     geo: GraphGeometry):
     """One rank, a chunk of channels: knn_hr (B, Cc, sH, sW) in the work dtype.
     feat_c (B, Cc, H, W); n (B, M) son indices; statistics (B, Cc, M) / (B, Cc, N)."""
     B, Cc = feat_c.shape[:2]
@@ -358,7 +359,7 @@ def _aggregate_chunk(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, geo: Graph
     alpha = q_std_c / torch.gather(k_std_c, 2, nc)  # (B, Cc, M)
     beta = q_mean_c - torch.gather(k_mean_c, 2, nc) * alpha
     gathered = torch.gather(blocks, 3, n[:, None, None].expand(B, Cc, P, -1))  # (B, Cc, P, M)
-    return _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], geo)
+    return _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], count, geo)
 
 
 def _channel_step(B: int, geo: GraphGeometry) -> int:
@@ -371,12 +372,13 @@ def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tens
     B, C = feat.shape[:2]
     k = idx.shape[2]
     step = _channel_step(B, geo)
+    count = _hr_count(geo, stats[0])  # padded HR map of cover counts, shared by all chunks
     weights = None if logits is None else torch.softmax(logits.to(stats[0].dtype), dim=1)
     out = []
     for c0 in range(0, C, step):
         c = slice(c0, c0 + step)
-        ranks = [_aggregate_chunk(feat[:, c], idx[:, :, r], *(t[:, c] for t in stats), geo)
-                 for r in range(k)]
+        ranks = [_aggregate_chunk(feat[:, c], idx[:, :, r], *(t[:, c] for t in stats), count,
+                                  geo) for r in range(k)]
         if weights is None:
             out.append(torch.stack(ranks, 1))  # (B, k, Cc, sH, sW)
         else:
@@ -438,7 +440,7 @@ def _hr_count(geo: GraphGeometry, like: torch.Tensor) -> torch.Tensor:
 
 
 def _aggregate_chunk_backward(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, upstream,
-                              geo: GraphGeometry):
+                              count, geo: GraphGeometry):
     """Vector-Jacobian product of _aggregate_chunk for upstream (B, Cc, sH, sW): gradients
     to feat_c and the four statistics, and the chunk's knn_hr itself."""
     B, Cc, H, W = feat_c.shape
@@ -451,10 +453,9 @@ def _aggregate_chunk_backward(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, u
     beta = q_mean_c - mu_kn * alpha
     n_blocks = n[:, None, None].expand(B, Cc, P, -1)
     gathered = torch.gather(blocks, 3, n_blocks)  # (B, Cc, P, M)
-    knn = _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], geo)
+    knn = _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], count, geo)
     # adjoint of crop, overlap average and fold: pad, divide by the count, unfold
     top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
-    count = _hr_count(geo, upstream)
     padded = F.pad(upstream, (left, count.shape[1] - left - s * W, top, count.shape[0] - top - s * H))
     d_z = F.unfold(padded / count, geo.hr_patch, stride=geo.hr_stride).view(B, Cc, P, -1)
     d_alpha = (d_z * gathered).sum(2)  # (B, Cc, M)
@@ -477,6 +478,7 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
     k = idx.shape[2]
     work = stats[0].dtype
     step = _channel_step(B, geo)
+    count = _hr_count(geo, stats[0])  # padded HR map of cover counts, shared by all chunks
     weights = None if logits is None else torch.softmax(logits.to(work), dim=1)  # (B, k, ..)
     grads = [torch.zeros(feat.shape, dtype=work, device=feat.device)]
     grads += [torch.zeros_like(t) for t in stats]
@@ -489,7 +491,8 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
             else:
                 upstream = weights[:, r, None] * grad_out[:, c].to(work)
             *chunk, knn = _aggregate_chunk_backward(feat[:, c], idx[:, :, r],
-                                                    *(t[:, c] for t in stats), upstream, geo)
+                                                    *(t[:, c] for t in stats), upstream,
+                                                    count, geo)
             for acc, grad in zip(grads, chunk):
                 acc[:, c] += grad
             if weights is not None:

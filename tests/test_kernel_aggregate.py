@@ -292,20 +292,13 @@ def _cheap(B, s, k):
     return B * k * 9 * s * s <= 400
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["knn", "x1"])
 @settings(max_examples=8, deadline=None, derandomize=True, phases=NO_SHRINK,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(**bwd_shapes)
-def test_patch_aggregate_backward_knn(B, C, h, w, s, dtype, seed, k):
+def test_patch_aggregate_backward(weighted, B, C, h, w, s, dtype, seed, k):
     hypothesis.assume(_cheap(B, s, k))
-    _check_backward(B, C, h, w, s, dtype, seed, k, False, AGG_CFG)
-
-
-@settings(max_examples=8, deadline=None, derandomize=True, phases=NO_SHRINK,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(**bwd_shapes)
-def test_patch_aggregate_backward_x1(B, C, h, w, s, dtype, seed, k):
-    hypothesis.assume(_cheap(B, s, k))
-    _check_backward(B, C, h, w, s, dtype, seed, k, True, AGG_CFG)
+    _check_backward(B, C, h, w, s, dtype, seed, k, weighted, AGG_CFG)
 
 
 @pytest.mark.parametrize("s", [2, 3])
