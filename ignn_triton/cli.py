@@ -1,5 +1,6 @@
 """Command line: `ignn-triton demo` (the README's first command), `ignn-triton upscale`
-(super-resolve files and folders) and `ignn-triton eval` (PSNR/SSIM against HR images)."""
+(super-resolve files and folders), `ignn-triton eval` (PSNR/SSIM against HR images) and
+`ignn-triton train` (the trainer, `ignn_triton.train`)."""
 from __future__ import annotations
 
 import argparse
@@ -221,6 +222,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer owns its (long) argument list
+        from .train import main as train_main
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ignn-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="super-resolve the bundled image, compare with bicubic")
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CSV file (a .json beside it); default results.csv")
     _add_run_options(p)
     p.set_defaults(run=eval_cmd)
+    commands.add_parser("train", help="train IGNN (see `ignn-triton train --help`)")
     args = parser.parse_args(argv)
     try:
         return args.run(args)

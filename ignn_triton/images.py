@@ -168,12 +168,21 @@ def read_array(path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside path, then rename it into place: path is
+    either untouched or complete. The file gets the usual permissions (0666 & ~umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
