@@ -126,19 +126,22 @@ class IGNN(nn.Module):
                                  f"for s = {s}; got {tuple(x_son.shape)}")
         with stage("ignn/embed"):
             ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
-        with stage("ignn/head"):
-            x0 = self.head(self.sub_mean(255.0 * x))
-        with stage("ignn/body1"):
-            x1 = self.body1(x0)
+        with stage("ignn/head") as st:
+            x0 = st.outputs(self.head(self.sub_mean(255.0 * st.inputs(x))))
+        with stage("ignn/body1") as st:
+            x1 = st.outputs(self.body1(st.inputs(x0)))
         x1_lr, x1_hr = self.gcn(x1, ye, xe)
-        with stage("ignn/fuse"):
-            x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
-        with stage("ignn/body2"):
-            x2 = self.body2(x1) + x0
-        with stage("ignn/upsample"):
-            u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
-        with stage("ignn/tail"):
-            y = self.add_mean(self.tail(u)) / 255.0
+        with stage("ignn/fuse") as st:
+            x1, x1_lr = st.inputs(x1, x1_lr)
+            x1 = st.outputs(self.fuse_b(torch.cat([x1, x1_lr], 1)))
+        with stage("ignn/body2") as st:
+            x1, x0 = st.inputs(x1, x0)
+            x2 = st.outputs(self.body2(x1) + x0)
+        with stage("ignn/upsample") as st:
+            x2, x1_hr = st.inputs(x2, x1_hr)
+            u = st.outputs(self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1)))
+        with stage("ignn/tail") as st:
+            y = st.outputs(self.add_mean(self.tail(st.inputs(u))) / 255.0)
         return y[..., : self.scale * H, : self.scale * W]
 
 

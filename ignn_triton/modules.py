@@ -106,18 +106,25 @@ class GraphAggregation(nn.Module):
             diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
             edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
             edges_lr = F.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
-        with stage("ignn/ecn"):
+        with stage("ignn/ecn") as st:
             logits_hr = self._logits(self.weightnet_hr, edges_hr)  # (B, k, sH, sW)
             w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
-        with stage("ignn/stats"):
-            query = ops.query_stats(feat, p, t)  # (B, C, M) each
-            key = ops.key_stats(feat, s, p, t)  # (B, C, N) each
-        with stage("ignn/aggregate"):
-            x1_hr = ops.patch_aggregate(feat, idx, query, key, s, p, t, logits=logits_hr)
+            logits_hr, w_lr = st.outputs(logits_hr, w_lr)
+        with stage("ignn/stats") as st:
+            feat_in = st.inputs(feat)
+            query = ops.query_stats(feat_in, p, t)  # (B, C, M) each
+            key = ops.key_stats(feat_in, s, p, t)  # (B, C, N) each
+            query, key = st.outputs(query, key)
+        with stage("ignn/aggregate") as st:
+            *inputs, logits_hr = st.inputs(feat, idx, query, key, logits_hr)
+            x1_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t, logits=logits_hr))
         x1_lr = 0
         for r in range(self.k):  # one rank at a time: the DEN input is (B, C, sH, sW)
-            with stage("ignn/aggregate"):
-                knn_hr = ops.patch_aggregate(feat, idx[:, :, r:r + 1], query, key, s, p, t)[:, 0]
-            with stage("ignn/den"):
-                x1_lr = x1_lr + w_lr[:, r:r + 1].to(feat.dtype) * self.knn_downsample(knn_hr)
+            with stage("ignn/aggregate") as st:
+                inputs = st.inputs(feat, idx[:, :, r:r + 1], query, key)
+                knn_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t)[:, 0])
+            with stage("ignn/den") as st:
+                x1_lr, weights, knn_hr = st.inputs(x1_lr, w_lr, knn_hr)
+                x1_lr = st.outputs(x1_lr + weights[:, r:r + 1].to(feat.dtype)
+                                   * self.knn_downsample(knn_hr))
         return x1_lr, x1_hr

@@ -7,12 +7,13 @@ Runs two workloads with the stage ranges on (ignn_triton.profiling): (a) inferen
 IGNN x4 on a (1, 3, size, size) input, (b) one mixed-precision training step (B = 16,
 LR 40x40 on CUDA; smaller on CPU). For each it writes a Chrome trace
 (<out>/trace-<workload>.json, open in chrome://tracing or Perfetto) and prints a table of
-time per stage range, plus the top kernels.
+time per stage, forward and backward (the ignn/<stage>/backward ranges), plus the top
+kernels.
 
 With --nsys it runs one workload for `nsys profile --capture-range=cudaProfilerApi`: the
-timed steps sit between cudaProfilerStart/Stop, stages in NVTX ranges, and the training
-step under torch.autograd.profiler.emit_nvtx, whose per-op ranges carry sequence numbers
-that tie each backward kernel to the forward op (and so the stage) it came from.
+timed steps sit between cudaProfilerStart/Stop, stages (forward and backward) in NVTX
+ranges, and the training step under torch.autograd.profiler.emit_nvtx, whose per-op
+ranges carry sequence numbers that tie each backward kernel to the forward op it came from.
 """
 from __future__ import annotations
 
@@ -29,17 +30,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def stage_table(prof, device: str) -> str:
-    """Total time per ignn/* range (device time on CUDA, CPU time otherwise)."""
-    rows = []
+    """Total time per stage, forward (the ignn/<stage> range) and backward (the
+    ignn/<stage>/backward range): device time on CUDA, CPU time otherwise."""
+    stages = {}  # name -> [forward calls, forward ms, backward ms]
     for event in prof.key_averages():
         if event.key.startswith("ignn/"):
             cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-            total = cuda_us if device == "cuda" else event.cpu_time_total
-            rows.append((event.key, event.count, total / 1e3))
-    rows.sort(key=lambda r: -r[2])
+            ms = (cuda_us if device == "cuda" else event.cpu_time_total) / 1e3
+            row = stages.setdefault(event.key.removesuffix("/backward"), [0, 0.0, None])
+            if event.key.endswith("/backward"):
+                row[2] = ms
+            else:
+                row[:2] = event.count, ms
+    rows = sorted(stages.items(), key=lambda item: -(item[1][1] + (item[1][2] or 0.0)))
     unit = "device" if device == "cuda" else "CPU"
-    lines = [f"| stage | calls | {unit} ms |", "|---|---|---|"]
-    lines += [f"| {name} | {count} | {ms:.3f} |" for name, count, ms in rows]
+    lines = [f"| stage | calls | forward {unit} ms | backward {unit} ms |", "|---|---|---|---|"]
+    lines += [f"| {name} | {count} | {fwd:.3f} | " + ("-" if bwd is None else f"{bwd:.3f}") + " |"
+              for name, (count, fwd, bwd) in rows]
     return "\n".join(lines)
 
 

@@ -1,9 +1,12 @@
-"""NVTX / record_function stage ranges, and the benchmark script's CPU smoke run."""
+"""NVTX / record_function stage ranges (forward and backward), and the profiling scripts'
+CPU smoke runs."""
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from ignn_triton import IGNN, profiling
@@ -11,6 +14,24 @@ from ignn_triton import IGNN, profiling
 STAGES = {"ignn/embed", "ignn/head", "ignn/body1", "ignn/knn", "ignn/edges", "ignn/ecn",
           "ignn/stats", "ignn/aggregate", "ignn/den", "ignn/fuse", "ignn/body2",
           "ignn/upsample", "ignn/tail"}
+# every stage but the matching (embed, knn, edges), which carries no gradient
+BACKWARD = {f"{name}/backward" for name in STAGES - {"ignn/embed", "ignn/knn", "ignn/edges"}}
+
+
+@pytest.fixture
+def ranges_on():
+    profiling.enable_nvtx()
+    yield
+    profiling.enable_nvtx(False)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return IGNN(scale=2, n_feats=4, n_resblocks=2, window=4), torch.rand(1, 3, 16, 16)
+
+
+def _train_step(model, x):
+    model(x).square().mean().backward()
 
 
 def _profiled_names(model, x):
@@ -32,17 +53,116 @@ def test_stage_ranges_appear_only_when_enabled():
         profiling.enable_nvtx(False)
 
 
-def test_compile_fullgraph_with_ranges_on():
-    torch.manual_seed(0)
-    model = IGNN(scale=2, n_feats=4, n_resblocks=2, window=4).eval()
-    x = torch.rand(1, 3, 16, 16)
-    profiling.enable_nvtx()
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x),
-                                       rtol=1e-5, atol=1e-5)
-    finally:
-        profiling.enable_nvtx(False)
+def test_compile_fullgraph_with_ranges_on(ranges_on):
+    model, x = _tiny()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # forward and backward: stage() is a no-op while compiling; the gradients match eager's
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(x).square().mean(), params)
+    compiled_grads = torch.autograd.grad(compiled(x).square().mean(), params)
+    torch.testing.assert_close(compiled_grads, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_ranges_hold_each_stage_backward(ranges_on):
+    model, x = _tiny()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _train_step(model, x)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    ranges = [e for e in events if e.name.startswith("ignn/") and e.name.endswith("/backward")]
+    calls = {name: sum(e.name == name for e in ranges) for name in BACKWARD}
+    assert calls == {**dict.fromkeys(BACKWARD, 1), "ignn/aggregate/backward": 6,
+                     "ignn/den/backward": 5}  # one range per stage call, k = 5 ranks
+    for a, b in zip(ranges, ranges[1:]):  # each closed before the next opens
+        assert a.time_range.start < a.time_range.end <= b.time_range.start, (a.name, b.name)
+
+    def stage_of(event):
+        return [r.name for r in ranges if r.time_range.start <= event.time_range.start
+                and event.time_range.end <= r.time_range.end]
+
+    convs = [e for e in events if e.name == "aten::convolution_backward"]
+    assert all(len(stage_of(e)) == 1 for e in convs)  # every convolution is in a stage
+    assert sum(stage_of(e) == ["ignn/body2/backward"] for e in convs) == 3  # ResBlock + conv
+    assert sum(stage_of(e) == ["ignn/den/backward"] for e in convs) == 5 * 3
+
+
+def test_no_backward_ranges_or_markers_when_disabled():
+    model, x = _tiny()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = model(x)
+        y.square().mean().backward()
+    assert not [e.name for e in prof.events() if e.name.endswith("/backward")
+                and e.name.startswith("ignn/")]
+    seen, nodes = set(), [y.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        assert "Marker" not in node.name(), node.name()
+        nodes += [next_fn for next_fn, _ in node.next_functions]
+    assert len(seen) > 50
+
+
+class _FakeNvtx(types.SimpleNamespace):
+    """Records the NVTX calls: push/pop (forward), start/end (backward)."""
+
+    def __init__(self):
+        super().__init__(calls=[], ids=iter(range(10**6)))
+
+    def push_range(self, name):
+        self.calls.append(("push", name))
+
+    def pop_range(self):
+        self.calls.append(("pop",))
+
+    def start_range(self, name):
+        rid = next(self.ids)
+        self.calls.append(("start", name, rid))
+        return rid
+
+    def end_range(self, rid):
+        self.calls.append(("end", rid))
+
+
+def test_nvtx_ranges_balanced_and_named(ranges_on, monkeypatch):
+    fake = _FakeNvtx()
+    monkeypatch.setitem(sys.modules, "nvtx", fake)
+    model, x = _tiny()
+    model(x)  # recorded by autograd, never backpropagated: no backward range opens
+    assert fake.calls and not [c for c in fake.calls if c[0] == "start"]
+    fake.calls.clear()
+    _train_step(model, x)
+    forward = [c for c in fake.calls if c[0] in ("push", "pop")]
+    backward = [c for c in fake.calls if c[0] in ("start", "end")]
+    assert {c[1] for c in forward if c[0] == "push"} == STAGES
+    depth = 0
+    for c in forward:  # push, pop, push, pop...: no stage nests in another
+        depth += 1 if c[0] == "push" else -1
+        assert depth in (0, 1)
+    assert depth == 0
+    assert {c[1] for c in backward if c[0] == "start"} == BACKWARD
+    # every backward range ends once, before the next one starts
+    starts, ends = backward[::2], backward[1::2]
+    assert [c[0] for c in starts] == ["start"] * len(starts) and len(ends) == len(starts)
+    assert [c[2] for c in starts] == [c[1] for c in ends]
+    assert [c[1] for c in starts][:3] == ["ignn/tail/backward", "ignn/upsample/backward",
+                                          "ignn/body2/backward"]
+    assert starts[-1][1] == "ignn/head/backward"
+
+    # a partial backward (to the tail's weight) still closes the one range it opened
+    fake.calls.clear()
+    loss = model(x).square().mean()
+    torch.autograd.grad(loss, model.tail[0].weight, retain_graph=True)
+    (_, name, rid), end = [c for c in fake.calls if c[0] in ("start", "end")]
+    assert name == "ignn/tail/backward" and end == ("end", rid)
+    # a second backward through the same graph opens and closes them all again
+    fake.calls.clear()
+    loss.backward()
+    again = [c for c in fake.calls if c[0] in ("start", "end")]
+    assert [c[1] for c in again[::2]] == [c[1] for c in starts]
+    assert [c[2] for c in again[::2]] == [c[1] for c in again[1::2]]
 
 
 def test_bench_smoke_run_writes_results(tmp_path):
@@ -66,6 +186,31 @@ def test_trace_script_reports_every_stage(tmp_path):
     report = (tmp_path / "trace.md").read_text()
     for name in STAGES:
         assert f"| {name} |" in report, name
+    train = report[report.index("## train"):]
+    for row in train.splitlines():
+        if row.startswith("| ignn/"):
+            name, calls, forward_ms, backward_ms = (c.strip() for c in row.strip("|").split("|"))
+            assert (backward_ms == "-") == (f"{name}/backward" not in BACKWARD), row
     traces = sorted(p.name for p in tmp_path.glob("trace-*.json"))
     assert traces == ["trace-inference-16.json", "trace-train-B2-24.json"]
     assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
+
+
+def test_tiling_script_measures_tiled_vs_untiled(tmp_path):
+    from ignn_triton import save_model
+    from ignn_triton.images import write_array
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    save_model(IGNN(scale=2, n_feats=4, n_resblocks=2, window=4), tmp_path / "m.safetensors")
+    rng = torch.Generator().manual_seed(1)
+    image = (torch.rand(48, 40, 3, generator=rng) * 255).byte().numpy()
+    write_array(image, tmp_path / "a.png")
+    subprocess.run([sys.executable, str(root / "profiling" / "tiling.py"), str(tmp_path / "a.png"),
+                    "--weights", str(tmp_path / "m.safetensors"), "--tiles", "12", "24",
+                    "--overlap", "4", "--device", "cpu", "--out", str(tmp_path / "t")],
+                   check=True, capture_output=True)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [(r["tile"], r["lr_size"]) for r in rows] == [(12, [24, 20]), (24, [24, 20])]
+    assert 20 < rows[0]["psnr_tiled_vs_untiled"] < 100  # tiles of 12 differ from the whole
+    assert rows[1]["psnr_tiled_vs_untiled"] == float("inf")  # one tile covers the image
+    assert "| a.png | 20x24 | 12 / 4 |" in (tmp_path / "t.md").read_text()
