@@ -20,6 +20,7 @@ from .images import atomic_write
 from .model import EDSR, IGNN, drop_embedcnn_alias
 
 FORMAT = "ignn_triton"
+BUILTIN = "ignn_x4_c64b16.safetensors"  # trained by recipes/builtin_x4.sh; see data/MODEL_CARD.md
 _ARCHS = {"IGNN": IGNN, "EDSR": EDSR}
 
 
@@ -111,12 +112,22 @@ def _check_against(model: torch.nn.Module, state: dict) -> None:
                               + "\n  ".join(problems))
 
 
+def builtin_weights() -> Path:
+    """The path of the weights shipped in the package (IGNN x4, C = 64, 16 blocks)."""
+    path = Path(__file__).parent / "data" / BUILTIN
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the built-in weights are missing from this install "
+                              "(reinstall ignn-triton, or pass a checkpoint path)")
+    return path
+
+
 def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
-    """A ready IGNN or EDSR (eval mode) from a checkpoint file.
+    """A ready IGNN or EDSR (eval mode) from a checkpoint file, or "builtin" for the
+    weights shipped in the package (x4).
 
     overrides: constructor arguments the weights cannot tell (IGNN's k, window, ...).
     """
-    path = Path(path)
+    path = builtin_weights() if isinstance(path, str) and path == "builtin" else Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     state, metadata = _read(path, map_location)

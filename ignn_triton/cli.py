@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .images import atomic_write, read_array, read_image, write_array, write_image
+from .images import atomic_write, quantise, read_array, read_image, write_array, write_image
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
-from .model import IGNN
 
 BUNDLED_IMAGE = "astronaut.png"  # 256x256 crop of NASA's public-domain portrait (skimage)
 
@@ -26,19 +25,14 @@ BUNDLED_IMAGE = "astronaut.png"  # 256x256 crop of NASA's public-domain portrait
 def demo(args: argparse.Namespace) -> int:
     """Downscale the bundled photograph by the model's scale, super-resolve it, write the
     result beside a bicubic upscale and report PSNR (Y) of both against the original."""
-    torch.manual_seed(0)
-    if args.weights:
-        model = load_model(args.weights)
-        origin = str(args.weights)
-    else:
-        model = IGNN(scale=args.scale, n_feats=args.n_feats, n_resblocks=args.n_resblocks).eval()
-        origin = (f"randomly initialised IGNN (C={args.n_feats}, {args.n_resblocks} blocks); "
-                  "pass --weights for a trained checkpoint")
+    model = load_model(args.weights)
+    origin = ("built-in weights (IGNN x4, C=64, 16 blocks, trained on CPU; see "
+              "ignn_triton/data/MODEL_CARD.md)" if args.weights == "builtin" else args.weights)
     scale = model.scale
     with resources.as_file(resources.files("ignn_triton") / "data" / BUNDLED_IMAGE) as path:
         hr = read_image(path)
     hr = hr[..., : hr.shape[2] // scale * scale, : hr.shape[3] // scale * scale]
-    lr = imresize(hr, 1 / scale).clamp(0, 1)
+    lr = quantise(imresize(hr, 1 / scale))  # the LR image as stored (8 bits)
     bicubic = imresize(lr, scale).clamp(0, 1)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -98,9 +92,6 @@ def upscale_cmd(args: argparse.Namespace) -> int:
     ext = args.ext.lower().lstrip(".") if args.ext else None
     if ext is not None and "." + ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"--ext {args.ext!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
-    if args.weights is None:
-        raise ValueError("no built-in weights ship with ignn_triton yet; pass --weights PATH "
-                         "(a released IGNN_x*.pth, an EDSR .pt or our .safetensors)")
     upscaler = Upscaler(args.weights, device=args.device, precision=args.precision,
                         compile=args.compile)
     if args.scale is not None and args.scale != upscaler.scale:
@@ -158,8 +149,6 @@ def eval_cmd(args: argparse.Namespace) -> int:
     S = args.scale
     hr_files = _collect_inputs([args.hr])
     _check_tile(args)
-    if args.weights is None:
-        raise ValueError("eval needs --weights PATH (no built-in weights ship yet)")
     upscaler = Upscaler(args.weights, device=args.device, precision=args.precision)
     if upscaler.scale != S:
         raise ValueError(f"--scale {S} is not supported by {args.weights}, which is a "
@@ -182,7 +171,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                 raise ValueError(f"{lr_files[f.stem]}: LR is {lr.shape[3]}x{lr.shape[2]}, "
                                  f"expected {hr.shape[3] // S}x{hr.shape[2] // S}")
         else:
-            lr = imresize(hr, 1 / S).clamp(0, 1)
+            lr = quantise(imresize(hr, 1 / S))  # 8-bit LR, as MATLAB's benchmarks store it
         bicubic = imresize(lr, S).clamp(0, 1)
         sr = upscaler(lr, tile=args.tile, tile_overlap=args.tile_overlap,
                       self_ensemble=args.self_ensemble)
@@ -211,8 +200,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHTS_HELP = ("'builtin' (default: the x4 weights shipped in the package) or an IGNN/EDSR "
+                "checkpoint (.pth or .safetensors)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, help="IGNN/EDSR checkpoint (.pth or .safetensors)")
+    p.add_argument("--weights", default="builtin", help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--tile", type=int, help="process LR tiles of this size (saves memory)")
@@ -229,11 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ignn-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="super-resolve the bundled image, compare with bicubic")
-    p.add_argument("--weights", type=Path, help="IGNN/EDSR checkpoint (.pth or .safetensors)")
+    p.add_argument("--weights", default="builtin", help=WEIGHTS_HELP)
     p.add_argument("--out", default="ignn_demo", help="output folder (default: ignn_demo)")
-    p.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
-    p.add_argument("--n-feats", type=int, default=32)
-    p.add_argument("--n-resblocks", type=int, default=4)
     p.set_defaults(run=demo)
     p = commands.add_parser("upscale", help="super-resolve image files or folders")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")

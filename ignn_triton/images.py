@@ -233,6 +233,11 @@ def read_image(path) -> torch.Tensor:
     return t.expand(-1, 3, -1, -1).contiguous() if t.shape[1] == 1 else t[:, :3].contiguous()
 
 
+def quantise(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to 8 bits, as an image stored on disk would be."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint8, rounded."""
     return (x[0].detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()

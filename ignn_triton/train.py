@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, _read, _strip_prefix, infer_config, load_model, save_model
-from .images import array_to_tensor, atomic_write, read_array, read_image
+from .images import array_to_tensor, atomic_write, quantise, read_array, read_image
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 from .model import IGNN, drop_embedcnn_alias
@@ -70,11 +70,6 @@ def _rgb(array: np.ndarray) -> torch.Tensor:
     """(H, W[, C]) uint8/uint16 -> (3, H, W) float32 RGB in [0, 1]: gray promoted, alpha dropped."""
     t = array_to_tensor(array)[0]
     return t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
-
-
-def quantise(x: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] and round to 8 bits, as an LR image stored on disk would be."""
-    return (x.clamp(0, 1) * 255).round() / 255
 
 
 class PatchDataset(Dataset):

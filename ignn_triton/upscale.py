@@ -1,6 +1,7 @@
 """`upscale`: super-resolve one image of any common kind, optionally tiled and self-ensembled.
 
     import ignn_triton
+    sr = ignn_triton.upscale(array)                                 # built-in x4 weights
     sr = ignn_triton.upscale(array, weights="IGNN_x4.pth")          # numpy in, numpy out
     sr = ignn_triton.upscale(pil_image, weights=model, tile=256)     # PIL in, PIL out
 
@@ -78,17 +79,13 @@ class Upscaler:
     """A model ready to super-resolve: weights loaded, device and precision chosen.
 
     weights: a checkpoint path (released IGNN .pth, our .safetensors, EDSR) or an
-    nn.Module with a `scale` attribute (moved to the device). "builtin" is refused: no
-    trained weights ship with this package yet.
+    nn.Module with a `scale` attribute (moved to the device), or "builtin": the x4 weights
+    shipped in the package (a small IGNN trained on CPU; see data/MODEL_CARD.md).
     precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16" (CUDA only);
     reduced precisions run under torch.autocast.
     """
 
     def __init__(self, weights="builtin", device="auto", precision="auto", compile=False):
-        if isinstance(weights, str) and weights == "builtin":
-            raise ValueError("no built-in weights ship with ignn_triton yet; pass a checkpoint "
-                             "path (a released IGNN_x*.pth, an EDSR .pt or a .safetensors saved "
-                             "with ignn_triton.save_model) or an nn.Module as weights")
         self.device = _resolve_device(device)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"

@@ -33,10 +33,12 @@ def test_built_wheel_holds_kernels_reference_and_data(tmp_path):
     code = ("import sys; sys.meta_path = [f for f in sys.meta_path "
             "if 'editable' not in type(f).__module__]; " + IMPORTS +
             "; from importlib import resources; "
-            "print(resources.files('ignn_triton').joinpath('data/astronaut.png').is_file())")
-    kernels, reference, has_image = _run(code, tmp_path, env)
+            "print(resources.files('ignn_triton').joinpath('data/astronaut.png').is_file()); "
+            "import ignn_triton; print(ignn_triton.checkpoint.builtin_weights())")
+    kernels, reference, has_image, weights = _run(code, tmp_path, env)
     assert Path(kernels).is_relative_to(target) and Path(reference).is_relative_to(target)
-    assert has_image == "True"
+    assert has_image == "True" and Path(weights).is_relative_to(target)
+    assert Path(weights).with_name("MODEL_CARD.md").is_file()
 
 
 def test_runs_on_cpu_without_triton(tmp_path):
