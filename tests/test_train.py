@@ -38,6 +38,7 @@ def data(tmp_path_factory):
     write_array(_photo(rng, 80, 104), root / "train" / "a.png")
     write_array(_photo(rng, 64, 64, 1), root / "train" / "gray.png")  # promoted to RGB
     write_array(_photo(rng, 56, 72), root / "train" / "c.jpg")
+    write_array(_photo(rng, 52, 60).astype(np.uint16) * 257, root / "train" / "d16.png")
     write_array(_photo(rng, 48, 64), root / "val" / "v.png")
     return root
 
@@ -267,3 +268,17 @@ def test_cli_train_entry_point(data, tmp_path):
     assert main(["train", "--data", str(data / "train"), *TINY, "--steps", "1",
                  "--workers", "0", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "args.json").is_file()
+
+
+def test_compiled_training_matches_eager(data, tmp_path):
+    args = ["--data", data / "train", *TINY, "--steps", "2", "--workers", "0"]
+    _run([*args, "--out", tmp_path / "eager"])
+    _run([*args, "--compile", "--out", tmp_path / "compiled"])
+    a = _weights(tmp_path / "eager" / "model.safetensors")
+    b = _weights(tmp_path / "compiled" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    torch.manual_seed(0)  # the trainer's seed: its initial weights
+    init = trainer.build_model(trainer.parse_args([str(x) for x in args] + ["--out", "x"]))
+    assert not torch.equal(a["head.0.weight"], init.state_dict()["head.0.weight"])
+    assert torch.equal(a["vggnet.model.0.weight"], init.state_dict()["vggnet.model.0.weight"])
