@@ -419,8 +419,6 @@ def train(args) -> dict:
     device = _device(args, local_rank)
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} ranks")
-    if args.amp == "fp16" and device.type == "cpu":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
     # Everything that can fail on bad input fails here, before any training step.
     dataset = PatchDataset(args.data, args.scale, args.crop, args.seed, args.lr_data,
                            args.rgb_permute)
