@@ -474,7 +474,7 @@ def train(args) -> dict:
     else:
         net = model
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, dynamic=False)  # fixed crops: static shapes
     loader = DataLoader(dataset, batch_size=args.batch // world,
                         sampler=StepSampler(start, stop, args.batch, rank, world),
                         num_workers=args.workers, pin_memory=device.type == "cuda",
