@@ -212,6 +212,16 @@ def build_model(args) -> IGNN:
                 res_scale=args.res_scale, k=args.k, window=args.window)
 
 
+def model_with(args, state: dict) -> IGNN:
+    """A model holding `state`, built without touching the global RNG (its random
+    initialisation is overwritten anyway), so checkpoints and validation leave the
+    training's random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(args)
+    model.load_state_dict(state)
+    return model
+
+
 def edsr_to_ignn(state: dict, model: IGNN) -> dict:
     """Map an EDSR state_dict onto IGNN's backbone: head, the first and second half of the
     body, the body's last conv, the upsampler convs and the last conv. The graph
@@ -516,9 +526,8 @@ def train(args) -> dict:
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                         ema=ema.state if ema is not None else None, rng=_rng_state(),
                         step=step, args=_jsonable(args))
-        final = build_model(args)
-        final.load_state_dict(ema.state if ema is not None else model.state_dict())
-        save_model(final, out / "model.safetensors")
+        save_model(model_with(args, ema.state if ema is not None else model.state_dict()),
+                   out / "model.safetensors")
 
     row: dict = {}
     amp_dtype = AMP_DTYPES.get(args.amp, torch.float32)
@@ -559,9 +568,7 @@ def train(args) -> dict:
                            it_per_s=(step - last_step) / (now - tic), seconds=now - tic)
                 tic, last_step = now, step
                 if validate_now and rank == 0:
-                    eval_model = build_model(args).to(device) if ema is not None else model
-                    if ema is not None:
-                        eval_model.load_state_dict(ema.state)
+                    eval_model = model_with(args, ema.state).to(device) if ema is not None else model
                     row.update(validate(eval_model, val_files, args.scale, args.amp, device))
                 if rank == 0:
                     log.writerow(row)

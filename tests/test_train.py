@@ -77,6 +77,7 @@ def test_resume_is_exact(data, tmp_path):
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]), key
     assert ca["scheduler"] == cb["scheduler"]
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
     la, lb = _log(tmp_path / "once" / "log.csv"), _log(tmp_path / "twice" / "log.csv")
     assert [(r["step"], r["loss"], r["lr"]) for r in la] == [(r["step"], r["loss"], r["lr"]) for r in lb]
     # the shipped weights are the EMA's, which differ from the raw weights
