@@ -488,7 +488,7 @@ def train(args) -> dict:
     loader = DataLoader(dataset, batch_size=args.batch // world,
                         sampler=StepSampler(start, stop, args.batch, rank, world),
                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
 
     writer, log_file, bar = None, None, None
     if rank == 0:
