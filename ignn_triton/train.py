@@ -79,7 +79,9 @@ class PatchDataset(Dataset):
     (`0001.png` <- `0001.png` or `0001x4.png`, the DIV2K layout). The image of a sample is
     drawn with probability proportional to its number of crop positions. Augmentations:
     horizontal/vertical flip, transpose, and (rgb_permute) a random channel order.
-    Images totalling at most cache_bytes are decoded once and kept in memory.
+    When the decoded images (as stored: 8 or 16 bit) take at most about cache_bytes, they
+    are decoded once and kept in memory (shared by the data workers); otherwise every
+    sample decodes its image. Samples are cropped before conversion to float.
     """
 
     def __init__(self, folders, scale: int, crop: int, seed: int = 0, lr_folders=None,
@@ -121,12 +123,12 @@ class PatchDataset(Dataset):
         positions = np.array([(h - crop + 1) * (w - crop + 1) for h, w in sizes], np.float64)
         self.weights = positions / positions.sum()
         self.cache = None
-        if sum(h * w * 3 for h, w in sizes) <= cache_bytes:
+        if sum(h * w * 3 for h, w in sizes) * (1.25 if lr_folders else 1) <= cache_bytes:
             self.cache = [self._decode(i) for i in range(len(self.files))]
 
-    def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hr = _rgb(read_array(self.files[i]))
-        lr = _rgb(read_array(self.lr_files[i])) if self.lr_files else None
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        hr = read_array(self.files[i])
+        lr = read_array(self.lr_files[i]) if self.lr_files else None
         return hr, lr
 
     def __len__(self) -> int:
@@ -140,11 +142,11 @@ class PatchDataset(Dataset):
         (h, w), lc = self.sizes[i], c // S
         if lr_img is not None:  # crop on the LR grid so the pair stays aligned
             y, x = int(rng.integers(h // S - lc + 1)), int(rng.integers(w // S - lc + 1))
-            hr = hr_img[:, S * y: S * y + c, S * x: S * x + c]
-            lr = lr_img[:, y: y + lc, x: x + lc]
+            hr = _rgb(hr_img[S * y: S * y + c, S * x: S * x + c])
+            lr = _rgb(lr_img[y: y + lc, x: x + lc])
         else:
             y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
-            hr, lr = hr_img[:, y: y + c, x: x + c], None
+            hr, lr = _rgb(hr_img[y: y + c, x: x + c]), None
         hflip, vflip, transpose = (rng.random(3) < 0.5).tolist()
         order = rng.permutation(3).tolist() if self.rgb_permute else [0, 1, 2]
 
@@ -361,6 +363,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--crop", type=int, help="HR crop size (default: 160 for x2/x4, 198 for x3)")
     g.add_argument("--rgb-permute", action="store_true", help="random RGB channel order")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument("--cache-gb", type=float, default=2.0,
+                   help="keep the decoded images in memory when they fit in this many GiB "
+                   "(DIV2K's 800 HR images take about 6.5)")
     g = p.add_argument_group("model")
     g.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
     g.add_argument("--n-feats", type=int, default=256)
@@ -431,7 +436,7 @@ def train(args) -> dict:
         raise ValueError(f"--batch {args.batch} must be divisible by the {world} ranks")
     # Everything that can fail on bad input fails here, before any training step.
     dataset = PatchDataset(args.data, args.scale, args.crop, args.seed, args.lr_data,
-                           args.rgb_permute)
+                           args.rgb_permute, int(args.cache_gb * 2 ** 30))
     val_files = image_files(args.val) if args.val else []
     for f in val_files:
         h, w = image_size(f)

@@ -174,6 +174,11 @@ def test_samples_are_a_function_of_seed_and_number(data):
     assert torch.equal(ds[12][1], hr) and not torch.equal(ds[13][1], hr)
     assert torch.equal(lr, trainer.quantise(imresize(hr, 1 / 4)))
     assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit LR, like a stored image
+    uncached = trainer.PatchDataset([data / "train"], 4, 48, seed=3, rgb_permute=True,
+                                    cache_bytes=0)
+    assert ds.cache is not None and uncached.cache is None
+    for n in range(40):  # cached or decoded per sample: the same crops
+        assert all(torch.equal(a, b) for a, b in zip(ds[n], uncached[n]))
     other = trainer.PatchDataset([data / "train"], 4, 48, seed=4, rgb_permute=True)
     assert not torch.equal(other[12][1], hr)
     assert list(trainer.StepSampler(2, 4, 6, rank=1, world=2)) == [15, 16, 17, 21, 22, 23]
