@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .images import atomic_write, quantise, read_array, read_image, write_array, write_image
+from .images import (IMAGE_EXTENSIONS, atomic_write, quantise, read_array, read_image, write_array,
+                     write_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 
@@ -51,8 +52,6 @@ def demo(args: argparse.Namespace) -> int:
           f"IGNN {psnr_y(sr, hr, scale):.2f} dB / {ssim_y(sr, hr, scale):.4f}")
     return 0
 
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _collect_inputs(inputs: list[Path]) -> list[Path]:

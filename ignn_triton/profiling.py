@@ -117,14 +117,18 @@ def _close_finished(keep: _BackwardRange | None = None) -> None:
     ranges[:] = [keep] if keep is not None and keep.record is not None else []
 
 
-class _OutputsMarker(torch.autograd.Function):
-    """Identity on a stage's outputs; its backward opens the stage's backward range."""
+class _Marker(torch.autograd.Function):
+    """Identity on some of a stage's tensors; subclasses act on the range in backward."""
 
     @staticmethod
     def forward(ctx, rng, *tensors):
         ctx.rng = rng
         ctx.set_materialize_grads(False)
         return tensors
+
+
+class _OutputsMarker(_Marker):
+    """On a stage's outputs: its backward opens the stage's backward range."""
 
     @staticmethod
     def backward(ctx, *grads):
@@ -133,14 +137,8 @@ class _OutputsMarker(torch.autograd.Function):
         return None, *grads
 
 
-class _InputsMarker(torch.autograd.Function):
-    """Identity on a stage's inputs; its backward closes the stage's backward range."""
-
-    @staticmethod
-    def forward(ctx, rng, *tensors):
-        ctx.rng = rng
-        ctx.set_materialize_grads(False)
-        return tensors
+class _InputsMarker(_Marker):
+    """On a stage's inputs: its backward closes the stage's backward range."""
 
     @staticmethod
     def backward(ctx, *grads):

@@ -31,12 +31,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, _read, _strip_prefix, infer_config, load_model, save_model
-from .images import array_to_tensor, atomic_write, quantise, read_array, read_image
+from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, quantise, read_array,
+                     read_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 from .model import IGNN, drop_embedcnn_alias
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CROP = {2: 160, 3: 198, 4: 160}  # HR crop sizes of the paper (spec section 9)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Arguments a resumed run must share with the run that wrote the checkpoint.

@@ -22,3 +22,13 @@ def kernel_device() -> torch.device:
 @pytest.fixture
 def device() -> torch.device:
     return kernel_device()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: Dynamo's record of the shapes a function has seen
+    is process-wide, and after a second shape it compiles with dynamic shapes, which
+    inductor cannot lower for IGNN's training graph (torch 2.13). Users get the same
+    advice in the README: compile with dynamic=False to train at several shapes."""
+    torch._dynamo.reset()
+    yield

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ignn_triton import EDSR, IGNN, imresize, load_model, save_model
 from ignn_triton import train as trainer
-from ignn_triton.images import write_array
+from ignn_triton.images import _umask, write_array
 
 TINY = ["--scale", "4", "--n-feats", "8", "--n-resblocks", "2", "--crop", "48", "--batch", "4",
         "--no-progress", "--log-every", "1"]
@@ -98,12 +98,6 @@ def test_training_reduces_loss_and_validates(data, tmp_path):
     model = load_model(tmp_path / "model.safetensors")
     assert isinstance(model, IGNN) and model.config["n_feats"] == 16
     assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == oct(0o666 & ~_umask())
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_bf16_autocast_step_on_cpu(data, tmp_path):
