@@ -121,12 +121,9 @@ def builtin_weights() -> Path:
     return path
 
 
-def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
-    """A ready IGNN or EDSR (eval mode) from a checkpoint file, or "builtin" for the
-    weights shipped in the package (x4).
-
-    overrides: constructor arguments the weights cannot tell (IGNN's k, window, ...).
-    """
+def read_checkpoint(path, map_location="cpu") -> tuple[str, dict, dict]:
+    """(architecture, constructor config, state_dict) of a checkpoint file, or of "builtin";
+    the state_dict's keys normalised (no `module.` prefix, no VGG alias)."""
     path = builtin_weights() if isinstance(path, str) and path == "builtin" else Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -137,13 +134,25 @@ def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
         arch = metadata.get("arch")
         if arch not in _ARCHS:
             raise CheckpointError(f"{path}: unknown architecture {arch!r} in metadata")
-        config = json.loads(metadata["config"])
-    else:
-        arch, config = infer_config(state)
-    config.update(overrides)
-    model = _ARCHS[arch](**config)
+        return arch, json.loads(metadata["config"]), state
+    return (*infer_config(state), state)
+
+
+def load_into(model: torch.nn.Module, state: dict) -> None:
+    """Load state into model, strictly, after one check that names every problem."""
     _check_against(model, state)
     model.load_state_dict(state, strict=True)
+
+
+def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
+    """A ready IGNN or EDSR (eval mode) from a checkpoint file, or "builtin" for the
+    weights shipped in the package (x4).
+
+    overrides: constructor arguments the weights cannot tell (IGNN's k, window, ...).
+    """
+    arch, config, state = read_checkpoint(path, map_location)
+    model = _ARCHS[arch](**{**config, **overrides})
+    load_into(model, state)
     return model.eval().to(map_location)
 
 

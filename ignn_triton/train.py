@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import CheckpointError, _read, _strip_prefix, infer_config, load_model, save_model
+from .checkpoint import CheckpointError, load_into, read_checkpoint, save_model
 from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, quantise, read_array,
                      read_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
-from .model import IGNN, drop_embedcnn_alias
+from .model import IGNN
 
 DEFAULT_CROP = {2: 160, 3: 198, 4: 160}  # HR crop sizes of the paper (spec section 9)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -261,22 +261,18 @@ def edsr_to_ignn(state: dict, model: IGNN) -> dict:
 
 def initialise(model: IGNN, path: Path) -> str:
     """Load a released IGNN checkpoint (everything) or an EDSR one (backbone only)."""
-    state, metadata = _read(path, "cpu")
-    state = _strip_prefix(state)
-    drop_embedcnn_alias(state, "")
-    arch, config = ((metadata["arch"], json.loads(metadata["config"]))
-                    if metadata and "arch" in metadata else infer_config(state))
+    arch, config, state = read_checkpoint(path)
     if config["scale"] != model.scale:
         raise CheckpointError(f"{path}: a x{config['scale']} {arch} checkpoint cannot "
                               f"initialise a x{model.scale} model (pass --scale "
                               f"{config['scale']} or another checkpoint)")
     if arch == "IGNN":
-        source = load_model(path, k=model.config["k"], window=model.config["window"],
-                            res_scale=model.config["res_scale"])
-        if source.config != model.config:
-            raise CheckpointError(f"{path}: IGNN config {source.config} differs from the "
-                                  f"model being trained {model.config}")
-        model.load_state_dict(source.state_dict())
+        # k, window and res_scale are not in a released checkpoint: the run's own apply
+        config = {**config, **{key: model.config[key] for key in ("k", "window", "res_scale")}}
+        if any(model.config[key] != value for key, value in config.items()):
+            raise CheckpointError(f"{path}: IGNN config {config} differs from the model "
+                                  f"being trained {model.config}")
+        load_into(model, state)
         return f"IGNN weights from {path}"
     model.load_state_dict(edsr_to_ignn(state, model), strict=False)
     return f"EDSR backbone from {path}"
