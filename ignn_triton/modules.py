@@ -78,7 +78,8 @@ class GraphAggregation(nn.Module):
     its k nearest son patches, aggregates the AdaPN-normalised s-times larger blocks of F
     with edge-conditioned weights, at HR (x1_hr) and, through the DEN, at LR (x1_lr).
 
-    Ranks are processed one at a time, so inference memory does not grow with k.
+    Ranks are processed one at a time (edge maps, ECN, DEN input), so inference memory
+    does not grow with k beyond the (B, k, ...) logits.
     """
 
     def __init__(self, n_feats: int, scale: int, k: int = 5, patch_size: int = 3,
@@ -92,10 +93,25 @@ class GraphAggregation(nn.Module):
         self.weightnet_lr = edge_conditioned_net(embed_channels)
         self.weightnet_hr = edge_conditioned_net(embed_channels)
 
-    def _logits(self, net: nn.Sequential, edges: torch.Tensor) -> torch.Tensor:
-        """Per-rank ECN: edges (B, k, E, h, w) -> logits (B, k, h, w)."""
-        B, k, E, h, w = edges.shape
-        return net(edges.reshape(B * k, E, h, w)).view(B, k, h, w)
+    def _edge_logits(self, diff: torch.Tensor, lr_hw: tuple[int, int], dtype: torch.dtype):
+        """Edge maps and ECN, one rank at a time: diff (B, M, k, E) -> logits L_hr
+        (B, k, sH, sW) and softmax weights w_lr (B, k, H, W), fp32. Only one rank's (B, E, sH, sW) edge map and
+        its ECN activations are alive at a time (they are k times F's size in bytes)."""
+        s, p, t = self.scale, self.patch, self.stride
+        logits_hr, logits_lr = [], []
+        for r in range(diff.shape[2]):
+            with stage("ignn/edges"):
+                edges_hr = ops.fold_edges(diff[:, :, r:r + 1], lr_hw, s, p, t)[:, 0].to(dtype)
+                edges_lr = F.avg_pool2d(edges_hr, s)  # (B, E, H, W)
+            with stage("ignn/ecn") as st:
+                hr, lr = self.weightnet_hr(edges_hr), self.weightnet_lr(edges_lr)
+                hr, lr = st.outputs(hr, lr)
+            del edges_hr, edges_lr
+            logits_hr.append(hr)
+            logits_lr.append(lr)
+        with stage("ignn/ecn") as st:
+            w_lr = torch.softmax(torch.cat(logits_lr, 1).float(), 1)
+            return st.outputs(torch.cat(logits_hr, 1), w_lr)
 
     def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
         s, p, t = self.scale, self.patch, self.stride
@@ -104,12 +120,8 @@ class GraphAggregation(nn.Module):
             _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
         with stage("ignn/edges"):
             diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
-            edges_hr = ops.fold_edges(diff, (H, W), s, p, t).to(feat.dtype)  # (B, k, E, sH, sW)
-            edges_lr = F.avg_pool2d(edges_hr.flatten(0, 1), s).unflatten(0, (B, self.k))
-        with stage("ignn/ecn") as st:
-            logits_hr = self._logits(self.weightnet_hr, edges_hr)  # (B, k, sH, sW)
-            w_lr = torch.softmax(self._logits(self.weightnet_lr, edges_lr).float(), 1)  # (B, k, H, W)
-            logits_hr, w_lr = st.outputs(logits_hr, w_lr)
+        logits_hr, w_lr = self._edge_logits(diff, (H, W), feat.dtype)
+        del diff
         with stage("ignn/stats") as st:
             feat_in = st.inputs(feat)
             query = ops.query_stats(feat_in, p, t)  # (B, C, M) each
@@ -127,4 +139,5 @@ class GraphAggregation(nn.Module):
                 x1_lr, weights, knn_hr = st.inputs(x1_lr, w_lr, knn_hr)
                 x1_lr = st.outputs(x1_lr + weights[:, r:r + 1].to(feat.dtype)
                                    * self.knn_downsample(knn_hr))
+            del knn_hr  # before the next rank's is made
         return x1_lr, x1_hr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import kernels
 from .geometry import GraphGeometry, graph_geometry, window_start
@@ -59,8 +60,8 @@ def _check_idx(idx: torch.Tensor, batch: int, geo: GraphGeometry) -> None:
     if idx.dtype != torch.int64 or idx.dim() != 3 or idx.shape[:2] != (batch, geo.num_queries):
         raise ValueError(f"idx must be int64 (B, M, k) = ({batch}, {geo.num_queries}, k); "
                          f"got {idx.dtype} {tuple(idx.shape)}")
-    if (not idx.is_cuda and not torch.compiler.is_compiling() and idx.numel()
-            and (idx.min() < 0 or idx.max() >= geo.num_keys)):
+    if (not idx.is_cuda and not torch.compiler.is_compiling() and not is_fake(idx)
+            and idx.numel() and (idx.min() < 0 or idx.max() >= geo.num_keys)):
         raise ValueError(f"idx holds son indices outside [0, {geo.num_keys}); "
                          f"got [{int(idx.min())}, {int(idx.max())}]")
 

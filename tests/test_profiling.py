@@ -72,8 +72,9 @@ def test_backward_ranges_hold_each_stage_backward(ranges_on):
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     ranges = [e for e in events if e.name.startswith("ignn/") and e.name.endswith("/backward")]
     calls = {name: sum(e.name == name for e in ranges) for name in BACKWARD}
+    # one range per stage call, k = 5 ranks: the ECN runs per rank, then the softmax
     assert calls == {**dict.fromkeys(BACKWARD, 1), "ignn/aggregate/backward": 6,
-                     "ignn/den/backward": 5}  # one range per stage call, k = 5 ranks
+                     "ignn/ecn/backward": 6, "ignn/den/backward": 5}
     for a, b in zip(ranges, ranges[1:]):  # each closed before the next opens
         assert a.time_range.start < a.time_range.end <= b.time_range.start, (a.name, b.name)
 
@@ -214,3 +215,54 @@ def test_tiling_script_measures_tiled_vs_untiled(tmp_path):
     assert 20 < rows[0]["psnr_tiled_vs_untiled"] < 100  # tiles of 12 differ from the whole
     assert rows[1]["psnr_tiled_vs_untiled"] == float("inf")  # one tile covers the image
     assert "| a.png | 20x24 | 12 / 4 |" in (tmp_path / "t.md").read_text()
+
+
+def _memory_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "profiling" / "memory.py"
+    spec = importlib.util.spec_from_file_location("ignn_profiling_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    memory = _memory_script()
+    x = torch.randn(1000)  # an input: neither it nor its views count
+
+    def work():
+        a = x * 2  # 4000 bytes -> 4096
+        b = a[10:].view(-1, 2) + 1  # 3960 -> 4096; a's view costs nothing
+        del a
+        c = torch.empty(3000, dtype=torch.float64)  # 24000 -> 24064
+        del b, c
+        x.view(10, 100).t()
+
+    assert memory.peak_bytes(work, [x]) == 4096 + 24064
+    tracker = memory.LiveBytes()
+    with tracker:
+        kept = [torch.ones(128) for _ in range(3)]  # 512 bytes each
+    assert tracker.current == tracker.peak == 3 * 512
+    del kept
+    assert tracker.current == 0
+
+
+@pytest.mark.parametrize("shape,dtype", [((256, 128, 128, 2, 1), torch.bfloat16),
+                                         ((256, 40, 40, 2, 16), torch.float32)])
+def test_graph_aggregation_forward_peak_is_a_tenth_of_the_reference(shape, dtype):
+    """Issue 4's memory target, predicted on fake tensors (profiling/memory.py): the GA
+    forward's peak allocation at the bench's shapes, ours against reference/."""
+    peaks = _memory_script().graph_aggregation_peaks(*shape, dtype=dtype)
+    assert peaks["forward_ours"] <= 0.1 * peaks["forward_reference"], peaks
+    assert peaks["forward_backward_ours"] < 0.3 * peaks["forward_backward_reference"], peaks
+    C, H, W, s, B = shape  # the output alone, x1_hr (B, C, sH, sW), is a floor
+    assert peaks["forward_ours"] > B * C * s * s * H * W * dtype.itemsize / 2 ** 20
+
+
+def test_memory_script_writes_every_shape(tmp_path, capsys):
+    memory = _memory_script()
+    assert memory.main(["--dtype", "bf16", "--json", str(tmp_path / "m.json")]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert len(rows) == len(memory.GA_SHAPES) == capsys.readouterr().out.count("| bf16 |")
+    assert all(0 < r["forward_ours"] < r["forward_backward_ours"] for r in rows)
