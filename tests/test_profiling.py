@@ -1,6 +1,7 @@
 """NVTX / record_function stage ranges (forward and backward), and the profiling scripts'
 CPU smoke runs."""
 import json
+import os
 import subprocess
 import sys
 import types
@@ -266,3 +267,17 @@ def test_memory_script_writes_every_shape(tmp_path, capsys):
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert len(rows) == len(memory.GA_SHAPES) == capsys.readouterr().out.count("| bf16 |")
     assert all(0 < r["forward_ours"] < r["forward_backward_ours"] for r in rows)
+
+
+def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "profiling" / "gpu_session.sh")
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    bad = subprocess.run(["bash", script, "memory", "bench-everything"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown step 'bench-everything'" in bad.stdout
+    assert not (tmp_path / "out").exists()  # nothing ran
+    subprocess.run(["bash", script, "memory"], env=env, check=True, capture_output=True)
+    rows = json.loads((tmp_path / "out" / "memory.json").read_text())["rows"]
+    assert len(rows) == 6
+    assert (tmp_path / "out" / "versions.txt").read_text().startswith("torch ")
