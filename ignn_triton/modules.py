@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import ops
 from .profiling import stage
@@ -79,13 +80,19 @@ class GraphAggregation(nn.Module):
     with edge-conditioned weights, at HR (x1_hr) and, through the DEN, at LR (x1_lr).
 
     Ranks are processed one at a time (edge maps, ECN, DEN input), so inference memory
-    does not grow with k beyond the (B, k, ...) logits.
+    does not grow with k beyond the (B, k, ...) logits. In training, autograd keeps every
+    rank's activations for the backward pass (a (B, C, sH, sW) DEN input and 64-channel
+    HR edge maps per rank); with `checkpoint = True` each rank's edge maps + ECN and
+    aggregation + DEN are recomputed in the backward pass instead, so training memory does
+    not grow with k either, for one more forward pass of those stages.
     """
 
     def __init__(self, n_feats: int, scale: int, k: int = 5, patch_size: int = 3,
-                 stride: int = 2, window: int = 30, embed_channels: int = 64):
+                 stride: int = 2, window: int = 30, embed_channels: int = 64,
+                 checkpoint: bool = False):
         super().__init__()
         self.scale, self.k, self.patch, self.stride, self.window = scale, k, patch_size, stride, window
+        self.checkpoint = checkpoint
         self.knn_downsample = nn.Sequential(  # DEN: HR -> LR, shared over ranks
             conv_block(n_feats, n_feats, 5, stride=scale, relu=True),
             conv_block(n_feats, n_feats, 3, relu=True),
@@ -93,25 +100,33 @@ class GraphAggregation(nn.Module):
         self.weightnet_lr = edge_conditioned_net(embed_channels)
         self.weightnet_hr = edge_conditioned_net(embed_channels)
 
-    def _edge_logits(self, diff: torch.Tensor, lr_hw: tuple[int, int], dtype: torch.dtype):
-        """Edge maps and ECN, one rank at a time: diff (B, M, k, E) -> logits L_hr
-        (B, k, sH, sW) and softmax weights w_lr (B, k, H, W), fp32. Only one rank's (B, E, sH, sW) edge map and
-        its ECN activations are alive at a time (they are k times F's size in bytes)."""
+    def _per_rank(self, fn, *args):
+        """fn(*args); with self.checkpoint and autograd recording, its activations are
+        recomputed in the backward pass rather than kept."""
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _rank_logits(self, diff_r: torch.Tensor, lr_hw: tuple[int, int], dtype: torch.dtype):
+        """One rank's edge maps and ECN logits: diff_r (B, M, 1, E) -> (B, 1, sH, sW),
+        (B, 1, H, W)."""
         s, p, t = self.scale, self.patch, self.stride
-        logits_hr, logits_lr = [], []
-        for r in range(diff.shape[2]):
-            with stage("ignn/edges"):
-                edges_hr = ops.fold_edges(diff[:, :, r:r + 1], lr_hw, s, p, t)[:, 0].to(dtype)
-                edges_lr = F.avg_pool2d(edges_hr, s)  # (B, E, H, W)
-            with stage("ignn/ecn") as st:
-                hr, lr = self.weightnet_hr(edges_hr), self.weightnet_lr(edges_lr)
-                hr, lr = st.outputs(hr, lr)
-            del edges_hr, edges_lr
-            logits_hr.append(hr)
-            logits_lr.append(lr)
+        with stage("ignn/edges"):
+            edges_hr = ops.fold_edges(diff_r, lr_hw, s, p, t)[:, 0].to(dtype)  # (B, E, sH, sW)
+            edges_lr = F.avg_pool2d(edges_hr, s)  # (B, E, H, W)
         with stage("ignn/ecn") as st:
-            w_lr = torch.softmax(torch.cat(logits_lr, 1).float(), 1)
-            return st.outputs(torch.cat(logits_hr, 1), w_lr)
+            return st.outputs(self.weightnet_hr(edges_hr), self.weightnet_lr(edges_lr))
+
+    def _rank_den(self, feat, idx_r, query, key, w_r):
+        """One rank's weighted DEN output w_r * DEN(knn_hr[r]) (B, C, H, W); knn_hr[r]
+        (B, C, sH, sW) lives only inside."""
+        s, p, t = self.scale, self.patch, self.stride
+        with stage("ignn/aggregate") as st:
+            inputs = st.inputs(feat, idx_r, query, key)
+            knn_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t)[:, 0])
+        with stage("ignn/den") as st:
+            w_r, knn_hr = st.inputs(w_r, knn_hr)
+            return st.outputs(w_r.to(knn_hr.dtype) * self.knn_downsample(knn_hr))
 
     def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
         s, p, t = self.scale, self.patch, self.stride
@@ -120,8 +135,16 @@ class GraphAggregation(nn.Module):
             _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
         with stage("ignn/edges"):
             diff = ops.edge_features(ye, xe, idx, s, p, t)  # (B, M, k, E)
-        logits_hr, w_lr = self._edge_logits(diff, (H, W), feat.dtype)
+        ranks = []  # a loop, not a comprehension: Dynamo cannot `del` a closure's variable
+        for r in range(self.k):
+            ranks.append(self._per_rank(self._rank_logits, diff[:, :, r:r + 1], (H, W),
+                                        feat.dtype))
         del diff
+        with stage("ignn/ecn") as st:
+            logits_hr = torch.cat([hr for hr, _ in ranks], 1)  # (B, k, sH, sW)
+            w_lr = torch.softmax(torch.cat([lr for _, lr in ranks], 1).float(), 1)  # (B, k, H, W)
+            logits_hr, w_lr = st.outputs(logits_hr, w_lr)
+        del ranks
         with stage("ignn/stats") as st:
             feat_in = st.inputs(feat)
             query = ops.query_stats(feat_in, p, t)  # (B, C, M) each
@@ -132,12 +155,6 @@ class GraphAggregation(nn.Module):
             x1_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t, logits=logits_hr))
         x1_lr = 0
         for r in range(self.k):  # one rank at a time: the DEN input is (B, C, sH, sW)
-            with stage("ignn/aggregate") as st:
-                inputs = st.inputs(feat, idx[:, :, r:r + 1], query, key)
-                knn_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t)[:, 0])
-            with stage("ignn/den") as st:
-                x1_lr, weights, knn_hr = st.inputs(x1_lr, w_lr, knn_hr)
-                x1_lr = st.outputs(x1_lr + weights[:, r:r + 1].to(feat.dtype)
-                                   * self.knn_downsample(knn_hr))
-            del knn_hr  # before the next rank's is made
+            x1_lr = x1_lr + self._per_rank(self._rank_den, feat, idx[:, :, r:r + 1], query,
+                                           key, w_lr[:, r:r + 1])
         return x1_lr, x1_hr

@@ -383,6 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema", type=float, help="keep an EMA of the weights with this decay")
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--checkpoint-ga", action="store_true",
+                   help="recompute the graph aggregation's per-rank activations in the "
+                   "backward pass instead of keeping them (less memory, same result)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g = p.add_argument_group("output")
@@ -478,6 +481,7 @@ def train(args) -> dict:
         raise ValueError(f"the checkpoint is at step {start}; --steps {args.steps} "
                          f"(--stop-at {args.stop_at}) leaves nothing to train")
 
+    model.gcn.checkpoint = args.checkpoint_ga
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         net = torch.nn.parallel.DistributedDataParallel(

@@ -257,6 +257,9 @@ def test_graph_aggregation_forward_peak_is_a_tenth_of_the_reference(shape, dtype
     peaks = _memory_script().graph_aggregation_peaks(*shape, dtype=dtype)
     assert peaks["forward_ours"] <= 0.1 * peaks["forward_reference"], peaks
     assert peaks["forward_backward_ours"] < 0.3 * peaks["forward_backward_reference"], peaks
+    # GraphAggregation.checkpoint: training memory no longer grows with k
+    assert (peaks["forward_backward_ours_checkpoint"]
+            <= 0.1 * peaks["forward_backward_reference"]), peaks
     C, H, W, s, B = shape  # the output alone, x1_hr (B, C, sH, sW), is a floor
     assert peaks["forward_ours"] > B * C * s * s * H * W * dtype.itemsize / 2 ** 20
 
@@ -281,3 +284,26 @@ def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
     rows = json.loads((tmp_path / "out" / "memory.json").read_text())["rows"]
     assert len(rows) == 6
     assert (tmp_path / "out" / "versions.txt").read_text().startswith("torch ")
+
+
+def test_nvtx_ranges_with_ga_checkpointing(ranges_on, monkeypatch):
+    """With GraphAggregation.checkpoint, the per-rank recomputation runs its forward ranges
+    inside the backward pass: balanced, and inside the backward range that needs them."""
+    fake = _FakeNvtx()
+    monkeypatch.setitem(sys.modules, "nvtx", fake)
+    model, x = _tiny()
+    model.gcn.checkpoint = True
+    _train_step(model, x)
+    backward = [c for c in fake.calls if c[0] in ("start", "end")]
+    starts, ends = backward[::2], backward[1::2]
+    assert {c[1] for c in starts} == BACKWARD and len(ends) == len(starts)
+    assert [c[2] for c in starts] == [c[1] for c in ends]  # each ends before the next
+    first = fake.calls.index(starts[0])
+    recomputed = [c for c in fake.calls[first:] if c[0] == "push"]
+    assert {c[1] for c in recomputed} == {"ignn/edges", "ignn/ecn", "ignn/aggregate",
+                                          "ignn/den"}
+    assert len(recomputed) == 4 * 5  # each of the k = 5 ranks' two stage pairs, once
+    depth = 0
+    for c in fake.calls:
+        depth += {"push": 1, "pop": -1}.get(c[0], 0)
+        assert depth in (0, 1)

@@ -304,13 +304,20 @@ def test_cli_train_entry_point(data, tmp_path):
 
 
 def test_compiled_training_matches_eager(data, tmp_path):
+    """Compiled, and compiled with the GA's per-rank recomputation (--checkpoint-ga); eager
+    with --checkpoint-ga is bit-identical to eager without."""
     args = ["--data", data / "train", *TINY, "--steps", "2", "--workers", "0"]
     _run([*args, "--out", tmp_path / "eager"])
+    _run([*args, "--checkpoint-ga", "--out", tmp_path / "eager_ckpt"])
     _run([*args, "--compile", "--out", tmp_path / "compiled"])
+    _run([*args, "--compile", "--checkpoint-ga", "--out", tmp_path / "compiled_ckpt"])
     a = _weights(tmp_path / "eager" / "model.safetensors")
-    b = _weights(tmp_path / "compiled" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    for key, value in _weights(tmp_path / "eager_ckpt" / "model.safetensors").items():
+        assert torch.equal(a[key], value), key
+    for run in ("compiled", "compiled_ckpt"):
+        b = _weights(tmp_path / run / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)  # the trainer's seed: its initial weights
     init = trainer.build_model(trainer.parse_args([str(x) for x in args] + ["--out", "x"]))
     assert not torch.equal(a["head.0.weight"], init.state_dict()["head.0.weight"])
