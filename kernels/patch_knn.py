@@ -16,19 +16,27 @@ Design
   windows overlap almost entirely, so the program scans the union of their windows (son rows
   ci(i0) .. ci(i_last)+wh-1 by columns cj(j0) .. cj(j_last)+ww-1, flattened) in tiles of
   BLOCK_N candidates (default 32); at w = 30 the union adds ~20% of candidates that get
-  masked out per query. Per tile, a K loop over p*p positions x EP/BLOCK_E channel blocks
-  runs tl.dot(queries (BM, BE), candidates (BE, BN)) into an fp32 accumulator: fp16 / bf16
-  on tensor cores (wgmma on sm_90: 64 query rows = one warpgroup tile), fp32 as "tf32x3"
-  (three tf32 tensor-core passes, fp32-level accuracy, 4-6x faster than the FMA "ieee" path;
+  masked out per query. A tile's son rows and columns are carried from tile to tile (one int32
+  row << 16 | column per candidate, advanced by an add and a carry: no integer division in
+  the loop), and the in-window test is two unsigned compares per (query, candidate) pair.
+  Per tile, a K loop over p*p positions x EP/BLOCK_E channel blocks runs tl.dot(queries
+  (BM, BE), candidates (BE, BN)) into an fp32 accumulator: fp16 / bf16 on tensor cores
+  (wgmma on sm_90: 64 query rows = one warpgroup tile), fp32 as "tf32x3" (three tf32
+  tensor-core passes, fp32-level accuracy, 4-6x faster than the FMA "ieee" path;
   KnnConfig(fp32_precision="ieee") selects that one).
 * Top-k in registers. A distance becomes an int32 whose signed order is the float order
   (bits, or bits ^ 0x7fffffff when negative; NaN canonicalised to +qNaN so it ranks after
   +inf), then an int64 key (sortable << 32) | n: "smaller key" is exactly "smaller distance,
   ties to the smaller n, NaN last"; candidates outside a query's own window get INT64_MAX.
-  A program keeps each query's k best keys as an unsorted (BM, KPAD) set and its maximum
-  (the threshold). Per tile, an int32 test skips the tile when no in-window candidate is
-  <= the threshold (most tiles, once the sets are good); otherwise a while loop inserts each
-  row's tile minimum in place of the set's maximum until no row has a candidate below its
+  A program keeps each query's k best keys as an unsorted (BM, KPAD) set, its maximum (the
+  threshold key) and that key's distance thr_d in fp32 (NaN while the set has an empty
+  slot). Per tile, a pre-test on the fp32 distances, inside & ~(d >= thr_d), keeps every
+  candidate whose key can be below the threshold key: a smaller d, a NaN d, and any d while
+  thr_d is NaN. A tie d == thr_d cannot be: tiles visit son indices n in ascending order,
+  so a candidate's n is larger than that of every key in the set (and d is never -0.0:
+  |q|^2 + |k|^2 is +0 or more, and +0 - (+-0) = +0). When no candidate of the block passes, the tile is done
+  without building a key; otherwise the keys are built and a while loop inserts each row's
+  tile minimum in place of the set's maximum until no row has a candidate below its
   threshold (at most k rounds). At the end k rounds of tl.min emit the set in ascending
   order and the keys are decoded. idx is always an in-window index, NaN or not.
 * Edge features: a second, memory-bound kernel. The ops API hands idx in separately, and
@@ -177,6 +185,30 @@ def _window_start(x, scale, win, count):
 
 
 @triton.jit
+def _in_range(x, lo, width):
+    """lo <= x < lo + width, for width > 0, in one compare: x - lo as uint32 wraps below lo."""
+    return (x - lo).to(tl.uint32, bitcast=True) < width
+
+
+@triton.jit
+def _key(d, n):
+    """int64 key (sortable(d) << 32) | n, n >= 0: "smaller key" is "smaller d, ties to the smaller
+    n, NaN last". sortable(d): an int32 whose signed order is the float order (bits, or
+    bits ^ 0x7fffffff when negative), NaN canonicalised to +qNaN so it ranks after +inf."""
+    bits = d.to(tl.int32, bitcast=True)
+    bits = tl.where(d != d, 0x7FC00000, bits)  # (a GPU's NaN is 0x7FFFFFFF: canonicalise)
+    hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (hi.to(tl.int64) << 32) | n.to(tl.int64)
+
+
+@triton.jit
+def _key_distance(key):
+    """d of an int64 key from _key; NaN for INT64_MAX (an empty slot)."""
+    hi = (key >> 32).to(tl.int32)
+    return tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
                       Hq, Wq, Hk, Wk, m1, m2, n1, n2, wh, ww, k, scale,
                       STRIDE: tl.constexpr, PATCH: tl.constexpr, EP: tl.constexpr,
@@ -222,15 +254,23 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
     best = tl.where(col < k, tl.full((BLOCK_M, KPAD), _INT64_MAX, tl.int64),
                     tl.full((BLOCK_M, KPAD), _INT64_MIN, tl.int64))
     thr = tl.max(best, 1)  # (BM,) the current k-th best key
+    thr_d = _key_distance(thr)  # (BM,) its distance: NaN until the set is full
 
+    # candidate t of the union (flattened) is union row t // ucols, column t % ucols. The tile's
+    # rows and columns are carried as rc = row << 16 | column (one register per candidate) and
+    # advanced by BLOCK_N per tile with an add and a carry: no integer division in the loop
+    rn = tl.arange(0, BLOCK_N)
+    rc = ((rn // ucols) << 16) | (rn % ucols)  # (BN,)
+    step = ((BLOCK_N // ucols) << 16) | (BLOCK_N % ucols)
+    carry = (1 << 16) - ucols  # column -= ucols, row += 1
+    kn_b = kn_ptr + b.to(tl.int64) * N
     for t0 in range(0, count, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        t_valid = t < count
-        t = tl.where(t_valid, t, 0)
-        a = a0 + t // ucols
-        bb = b0 + t % ucols
-        k_off = (a * STRIDE * Wk + bb * STRIDE) * EP  # (BN,)
-        kn = tl.load(kn_ptr + b.to(tl.int64) * N + a * n2 + bb)  # (BN,) fp32
+        a = a0 + (rc >> 16)  # (BN,) son row: past the union for t >= count, outside every window
+        bb = b0 + (rc & 0xFFFF)
+        a_in = tl.minimum(a, n1 - 1)  # = a for t < count; loads stay in the map
+        n = a_in * n2 + bb  # (BN,) son index
+        k_off = (a_in * STRIDE * Wk + bb * STRIDE) * EP
+        kn = tl.load(kn_b + n)  # (BN,) fp32
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for s in tl.range(0, KSTEPS):
@@ -245,20 +285,14 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
             else:  # fp32 operands: "ieee" (FMA) or "tf32x3" (3 tensor-core passes)
                 acc = tl.dot(qt, kt, acc, input_precision=PRECISION)
 
-        # ---- distances as sortable int32: NaN -> +qNaN, ranked after +inf
         d = (qn[:, None] + kn[None, :]) - 2.0 * acc
-        bits = d.to(tl.int32, bitcast=True)
-        bits = tl.where(d != d, 0x7FC00000, bits)  # (a GPU's NaN is 0x7FFFFFFF: canonicalise)
-        # no -0.0 case: |q|^2 + |k|^2 is +0 or more, and +0 - (+-0) = +0 (fma too)
-        hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        inside = ((a[None, :] >= ci[:, None]) & (a[None, :] < ci[:, None] + wh)
-                  & (bb[None, :] >= cj[:, None]) & (bb[None, :] < cj[:, None] + ww)
-                  & t_valid[None, :])
-        # cheap int32 test first: once the set is good, most tiles have nothing to insert
-        thr_hi = (thr >> 32).to(tl.int32)
-        if tl.sum((inside & (hi <= thr_hi[:, None])).to(tl.int32)) > 0:
-            n = (a * n2 + bb).to(tl.int64)
-            key = (hi.to(tl.int64) << 32) | n[None, :]
+        inside = _in_range(a[None, :], ci[:, None], wh) & _in_range(bb[None, :], cj[:, None], ww)
+        # fp32 pre-test: keys are built only when a candidate of the block passes. It keeps
+        # every candidate that can beat the threshold key: a smaller d, a NaN d, and any d
+        # while thr_d is NaN (set not full). Not a tie: this tile's n are larger than the
+        # set's (ascending scan), and d is never -0.0 (|q|^2 + |k|^2 >= +0, +0 - (+-0) = +0)
+        if tl.max((inside & ~(d >= thr_d[:, None])).to(tl.int32)) > 0:
+            key = _key(d, n[None, :])  # (BM, BN)
             cand = tl.where(inside & (key < thr[:, None]), key, _INT64_MAX)
             # ---- merge: insert each row's minimum in place of the set's maximum
             while tl.min(cand) < _INT64_MAX:
@@ -267,6 +301,9 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
                 best = tl.where((col == slot[:, None]) & (low < thr)[:, None], low[:, None], best)
                 thr = tl.max(best, 1)
                 cand = tl.where((cand > low[:, None]) & (cand < thr[:, None]), cand, _INT64_MAX)
+            thr_d = _key_distance(thr)
+        rc += step
+        rc = tl.where((rc & 0xFFFF) >= ucols, rc + carry, rc)
 
     # ---- emit the set in ascending order
     best = tl.where(col < k, best, _INT64_MAX)
@@ -274,9 +311,7 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
     for r in range(0, k):
         low = tl.min(best, 1)
         best = tl.where(best == low[:, None], _INT64_MAX, best)
-        hi = (low >> 32).to(tl.int32)
-        hi = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
-        tl.store(dist_ptr + out + r, hi.to(tl.float32, bitcast=True), mask=q_valid)
+        tl.store(dist_ptr + out + r, _key_distance(low), mask=q_valid)
         tl.store(idx_ptr + out + r, low & 0x7FFFFFFF, mask=q_valid)  # n < 2^31
 
 
@@ -354,6 +389,9 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
     B, E, H, W = ye.shape
     geo = graph_geometry(H, W, scale, patch, stride, window)
     assert 1 <= k <= geo.num_candidates, f"k = {k} outside [1, {geo.num_candidates}]"
+    assert geo.n1 < 1 << 15 and geo.n2 < 1 << 16, (
+        f"son grid {geo.n1} x {geo.n2} patches: the k-NN kernel packs a son row (< 2^15) and "
+        "column (< 2^16) into one int32; process the image in tiles")
     cfg = config or default_knn_config(E, k, ye.dtype)
     assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_e >= 16, cfg
     ep = triton.cdiv(E, cfg.block_e) * cfg.block_e

@@ -31,8 +31,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")
+import triton.language as tl  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -244,6 +245,25 @@ def test_ties_go_to_smaller_index():
     torch.testing.assert_close(dist[0].cpu(), qn[:, None].expand(-1, k), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [13, 14, 29])
+def test_union_wider_than_tile(window):
+    """Son grid 3 x 40: away from the borders a block's union of windows is ww + 3 = 16, 17, 32
+    son columns wide against SMALL's 16-candidate tiles (the default config at w = 30: 33
+    columns, 32-candidate tiles; hypothesis draws son grids of at most 12 columns), so tiles
+    start mid-row and wrap onto the next union row. Integer data: exact ties, also with the
+    threshold of a set filled by earlier tiles. A NaN pixel in ye: all distances of the
+    queries over it are NaN, in every tile."""
+    B, E, H, W, s, k = 1, 3, 12, 160, 2, 5
+    ye, xe = _make(B, E, H, W, s, torch.float32, "int", seed=window)
+    dist, idx = pk.patch_knn(ye.to(DEVICE), xe.to(DEVICE), k, s, window, config=SMALL)
+    check_knn(ye, xe, k, s, window, dist, idx, exact=True)
+    ye, xe = _make(B, E, H, W, s, torch.float32, "normal", seed=window)
+    ye[0, 1, 5, 80] = float("nan")
+    dist, idx = pk.patch_knn(ye.to(DEVICE), xe.to(DEVICE), k, s, window, config=SMALL)
+    check_knn(ye, xe, k, s, window, dist, idx)
+    assert bool(torch.isnan(dist).all(-1).any()) and not bool(torch.isnan(dist).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_nan_semantics(dtype):
     """A NaN in ye poisons every candidate of the queries over it; a NaN in xe poisons one
@@ -292,6 +312,57 @@ def test_inf_ranks_before_nan():
 
 
 # --------------------------------------------------------------------------- building blocks
+
+@triton.jit
+def _key_probe(d_ptr, thr_ptr, key_ptr, thr_d_ptr, keep_ptr, BLOCK: tl.constexpr):
+    """key[i] = _key(d[i], i), thr_d[j] = _key_distance(thr[j]), and keep[i, j] = the k-NN
+    kernel's pre-test ~(d >= thr_d) of candidate d[i] against the threshold key thr[j]."""
+    r = tl.arange(0, BLOCK)
+    d = tl.load(d_ptr + r)
+    thr_d = pk._key_distance(tl.load(thr_ptr + r))
+    tl.store(key_ptr + r, pk._key(d, r))
+    tl.store(thr_d_ptr + r, thr_d)
+    keep = ~(d[:, None] >= thr_d[None, :])
+    tl.store(keep_ptr + r[:, None] * BLOCK + r[None, :], keep.to(tl.int8))
+
+
+def test_key_order_and_pretest():
+    """The k-NN kernel's int64 keys order by (d, n) with NaN after +inf (any sign or payload);
+    _key_distance inverts _key bit for bit, and gives NaN for INT64_MAX (an empty slot); the fp32
+    pre-test keeps every candidate whose key is below the threshold key, given what the
+    kernel guarantees: the candidate's n is larger than the threshold key's (ascending scan),
+    and d is not -0.0. Negative distances, denormals, infinities, ties in d, NaN candidates
+    and NaN thresholds."""
+    nan = float("nan")
+    d = torch.tensor([-float("inf"), -3e38, -1.5, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1.0, 1.0,
+                      1.0000001, 2.5, 3e38, float("inf"), nan, -nan])  # ascending key order
+    n = d.numel()
+    assert int(d[15].view(torch.int32)) < 0, "-nan must carry the sign bit"
+
+    def probe(thr):
+        key = torch.empty(n, dtype=torch.int64, device=DEVICE)
+        thr_d = torch.empty(n, dtype=torch.float32, device=DEVICE)
+        keep = torch.empty(n, n, dtype=torch.int8, device=DEVICE)
+        _key_probe[(1,)](d.to(DEVICE), thr.to(DEVICE), key, thr_d, keep, BLOCK=n)
+        return key.cpu(), thr_d.cpu(), keep.cpu().bool()
+
+    key, thr_d, keep = probe(torch.full((n,), 2 ** 63 - 1))  # empty slots
+    assert bool(torch.isnan(thr_d).all()) and bool(keep.all())
+    assert bool((key[1:] > key[:-1]).all()), "keys not in (d, n) order"
+    thr = key - torch.arange(n)  # threshold keys of the same distances with n = 0: every
+    thr[3] = 2 ** 63 - 1  # candidate comes later in the scan; thr[3] is an empty slot
+    _, thr_d, keep = probe(thr)
+    real = ~torch.isnan(d)
+    real[3] = False
+    assert torch.equal(thr_d[real].view(torch.int32), d[real].view(torch.int32))
+    assert bool(torch.isnan(thr_d[~real]).all())
+    not_minus_zero = (d != 0) | ~d.signbit()
+    below = (key[:, None] < thr[None, :]) & not_minus_zero[:, None]  # (candidate, threshold)
+    assert bool(below.sum() > 100) and bool(keep[below].all()), \
+        "the pre-test drops a candidate below the threshold"
+    assert not bool(keep[12, 8]) and not bool(keep[13, 12]), "the pre-test keeps everything"
+    assert not bool(keep[9, 8]), "a tie with the threshold (larger n) must not pass"
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_padded_channels_last_and_norms(dtype):
