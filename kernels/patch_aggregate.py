@@ -1,5 +1,5 @@
 """AdaPN graph aggregation: knn_hr (B, k, C, sH, sW) = every query's k neighbour key blocks of F, normalised to the query's statistics and folded onto the HR grid with overlap averaging, or its softmax-weighted sum x1_hr (B, C, sH, sW); and the backward of both.
-Forward traffic ~ 2|F| (NHWC copy) + |stats| + out (k*s^2*|F| knn_hr, s^2*|F| x1_hr) from DRAM, ~5*k*(3/2)^2 L1/L2 gathers per output; FLOPs ~ 4*B*k*C*(sH*sW)*(3/2)^2 (+3*B*k*sH*sW softmax). Backward ~ 2x forward (+ 9s^2*B*M*k*C fp32 atomics to grad F).
+Forward traffic ~ 2|F| (NHWC copy) + |stats| + out (k*s^2*|F| knn_hr, s^2*|F| x1_hr) from DRAM; L1/L2 gathers per output and rank ~ (3/2)^2 F values + 6/s statistics; FLOPs ~ 4*B*k*C*(sH*sW)*(3/2)^2 (+3*B*k*sH*sW softmax). Backward ~ 2x forward (+ 9s^2*B*M*k*C fp32 atomics to grad F).
 Must match reference.graph.aggregate (knn_hr) and reference.graph.weighted_sum(aggregate(...), logits) (x1_hr), with the statistics of reference.graph.query_stats / key_stats taken as independent inputs (spec section 6).
 
 Design
@@ -8,20 +8,34 @@ Design
   read + one write of F, ~2/(k s^2) of the knn_hr store traffic), and the statistics through
   channels-contiguous (B, M, C) / (B, N, C) copies (|F|/4 and |F|/(4 s^2) floats). Every
   gathered operand (a neighbour pixel of F, mu_k, sigma_k, mu_q, sigma_q) is then one
-  contiguous, vectorisable run of BLOCK_C channels, whatever idx says; in NCHW the same
-  gathers would be scalar loads in runs of at most 2s pixels. The outputs stay NCHW planes
-  (the contract): the store of a (pixels, channels) tile goes through one layout conversion.
-* Forward = gather, deterministic, no atomics. One program = a BLOCK_Y x BLOCK_X tile of HR
-  pixels (default 1 x 32: one 128-byte run of an output row) x BLOCK_C channels of one batch
-  item. Each pixel visits the at most NSLOT^2 (NSLOT = ceil(p/t) = 2) queries covering it.
-  Per rank r and covering query (i, j): n = idx[b, m, r], Z = (F[row, col] - mu_k[n]) *
-  (sigma_q[m] / sigma_k[n]) + mu_q[m] with the key pixel (row, col) = (t*s*a + u, t*s*b' + v)
-  - s * son padding (zero outside F, still normalised), summed and divided by the number of
-  covering queries. knn_hr mode stores each rank's tile; x1_hr mode (WEIGHTED) computes the
-  per-pixel softmax over ranks in fp32 (max, then sum of exp) and accumulates in registers:
-  knn_hr is never materialised.
+  contiguous, vectorisable run of channels, whatever idx says; in NCHW the same gathers
+  would be scalar loads in runs of at most 2s pixels. The forward pads these copies' channels
+  to a multiple of 4 (CS; a no-op for C = 64, 256) so that its loads are 4-channel vectors
+  whatever C is, and reads 1 / sigma_k instead of sigma_k. The outputs stay NCHW planes (the
+  contract): the store of a tile goes through one layout conversion (vectors along X).
+* Forward = gather, deterministic, no atomics. In padded HR coordinates (Yp, Xp) query row i
+  covers rows [HSTRIDE*i, HSTRIDE*i + HPATCH) (HSTRIDE = t*s, HPATCH = p*s), so an HR row is
+  covered by a scalar range of query rows (1 or 2 for p = 3, t = 2), and the HSTRIDE columns
+  Xp = HSTRIDE*jb + ph (ph < HSTRIDE, one column block jb) share their covering query columns
+  jb - dj, dj < NSLOT = ceil(p/t) (query jb - dj covers phase ph iff ph + dj*HSTRIDE <
+  HPATCH). One program = BLOCK_Y HR rows (default 1) x BLOCK_J column blocks x PH phases
+  (HSTRIDE rounded up to a power of 2) x BLOCK_C channels of one batch item, as a
+  (BLOCK_Y*PH, BLOCK_J, BLOCK_C) tile whose threads each own all the pixels of VEC channels
+  of one column block.
+  Per rank r, covering query row i and column slot dj, per column block: n = idx[b, m, r]
+  once, the four statistics once per channel (alpha = sigma_q / sigma_k, beta = mu_q -
+  mu_k * alpha, broadcast over the phases), and F as one VEC-channel vector per phase from
+  the key block's row (the key pixel (row, col) = (HSTRIDE*a + u, HSTRIDE*b' + v) - s * son
+  padding, zero outside F, still normalised); acc += (F * alpha + beta) * weight. With one
+  row per program the phase masks are compile-time constants: the phases a slot does not
+  cover cost no instruction (dj = 1 reads 2 of the 4 phases at s = 2). The weight is
+  1 / (number of covering queries) in knn_hr mode, which stores each rank's tile; x1_hr
+  mode (WEIGHTED) folds in the per-pixel softmax over ranks, computed in fp32 from the
+  logits (max, then sum of exp: weight = exp(logit - max - log(sum * count))), and
+  accumulates all ranks in registers: knn_hr is never materialised.
 * Backward, two kernels.
-  1. x1_hr mode only, pixel-centric like the forward: recomputes knn_r per pixel, reduces
+  1. x1_hr mode only, pixel-centric like the previous forward (per pixel, its NSLOT^2
+     covering-query slots with five gathers each): recomputes knn_r per pixel, reduces
      g_r = sum_c dx1[c] * knn_r[c] over all channels inside the program (deterministic),
      writes grad_logits = w_r (g_r - sum_r' w_r' g_r') and the softmax weights w (fp32) that
      kernel 2 needs.
@@ -38,13 +52,17 @@ Design
   With IGNN_TRITON_DEBUG=1 the launchers compile a DEBUG variant whose tl.device_assert
   traps on CUDA (launched with debug=True); under the interpreter device asserts are no-ops,
   so there the launcher checks the range on the host instead.
-* Loops that carry gathers are runtime loops (the forward's NSLOT^2 covering-query slots,
-  the backward's flattened (p s)^2 patch pixels): unrolled or nested, LLVM hoists every
-  iteration's gathers together and the kernels need 170-255 registers and spill.
+* Loops that carry gathers are runtime loops (the forward's covering query rows and ranks,
+  the backward's NSLOT^2 covering-query slots and flattened (p s)^2 patch pixels): unrolled
+  or nested, LLVM hoists every iteration's gathers together and the kernels need 170-255
+  registers and spill. The forward unrolls only its NSLOT = 2 column slots (for the
+  compile-time phase masks): 64-159 registers (see default_aggregate_config).
 * Measured on an H100 (triton 3.6, torch 2.11), B=1, C=256, 128 x 128, s=2, k=5, default
-  configs: forward knn_hr 0.67 ms fp32 (output + F = ~530 GB/s) and 0.67 ms fp16 (the
-  gathers' instruction issue, not DRAM, is the limit), x1_hr 0.67 ms; backward knn 0.66 ms
-  fp32 / 0.74 ms fp16, x1 1.74 / 1.81 ms; query / key statistics 15 / 30 us.
+  configs: backward knn 0.66 ms fp32 / 0.74 ms fp16, x1 1.74 / 1.81 ms; query / key
+  statistics 15 / 30 us. The previous, pixel-centric forward (per pixel and covering query,
+  five gathers: F, mu_q, sigma_q, mu_k, sigma_k, plus idx): knn_hr 0.67 ms fp32 and fp16
+  (~530 GB/s; instruction issue, not DRAM, was the limit), x1_hr 0.67 ms. The forward above
+  is not measured yet: its static counts and the prediction are in profiling/NOTES.md.
 """
 from __future__ import annotations
 
@@ -68,14 +86,15 @@ _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    """Tiles (powers of two) of the two kernel shapes.
-    Forward: block_y x block_x HR pixels x block_c channels per program, num_warps.
+    """Tiles (powers of two) of the three kernels.
+    Forward: block_y HR rows x block_j column blocks (of 2s HR columns: p = 3, t = 2) x
+    block_c channels per program, num_warps; block_y = 1 gets compile-time phase masks.
     Backward to the logits: block_ly x block_lx HR pixels per program, looping over the
     channels in steps of block_lc, l_num_warps. Main backward (query-centric): block_qi x
     block_qj queries x block_qc channels per program, q_num_warps."""
 
     block_y: int = 1
-    block_x: int = 64
+    block_j: int = 64
     block_c: int = 16
     num_warps: int = 8
     block_qi: int = 1
@@ -89,20 +108,38 @@ class AggregateConfig:
     num_stages: int = 1
 
 
-def default_aggregate_config(C: int, dtype: torch.dtype) -> AggregateConfig:
-    """Forward: 1 x 64 pixels x 16 channels on 8 warps (4 tile elements per thread: the
-    64-bit addresses of five gathers per element dominate the registers; 64 pixels =
-    256-byte output runs). Main backward: 1 x 32 queries x 16 channels on 8 warps (2 per
-    thread). Backward to the logits: 1 x 32 pixels x 8-channel steps on 4 warps.
-    From register sweeps and H100 timings: ptxas settles these kernels near 64-80 registers
-    and spills a few bytes above that, so larger tiles (faster by 5-20% on the H100) spill.
-    Triton 3.9 (the AOT test): no spills on sm_80 / sm_90 for every dtype. Triton 3.6 on
-    the H100 box: none on sm_90 either; sm_80 spills 8-16 bytes in the logits kernel only
-    (block_lx=32, l_num_warps=8 avoids it at ~0.6 ms more per 128x128x256 x1 backward)."""
+def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
+                             stride: int = 2) -> AggregateConfig:
+    """Forward (its tile depends on the HR stride t * s): 1 HR row x block_j column blocks x
+    16 channels on 8 warps, each thread holding the PH phases x VEC channels of one column
+    block (16 fp32 accumulators: 4 x 4 at s = 2, 8 x 2 at s = 3), so 256 threads = block_c /
+    VEC x block_j: block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3. Narrow images
+    leave lanes idle (LR 40 at s = 2: 20 column blocks of 64). Triton 3.9 (the AOT test):
+    79-159 registers, no spills on sm_80 / sm_90 for every dtype; as the JIT specialises it
+    for C = 256, 128 x 128: 64-139, one 4-byte spill (sm_80 knn fp32, outside the loops).
+    4 warps x 32 column blocks: fewer registers (72-89) but ptxas spilled 4-16 bytes in some
+    x1 variants. Neither is timed on a GPU yet (profiling/NOTES.md).
+    Main backward: 1 x 32 queries x 16 channels on 8 warps (2 per thread). Backward to the
+    logits: 1 x 32 pixels x 8-channel steps on 4 warps (a pixel-centric kernel like the old
+    forward). From register sweeps and H100 timings: ptxas settles these kernels near 64-80
+    registers and spills a few bytes above that, so larger tiles (faster by 5-20% on the H100)
+    spill. Triton 3.6 on the H100 box: no spill on sm_90; sm_80 spills 8-16 bytes in the
+    logits kernel only (block_lx=32, l_num_warps=8 avoids it at ~0.6 ms more per
+    128x128x256 x1 backward)."""
     bc = min(16, triton.next_power_of_2(max(1, C)))
-    return AggregateConfig(block_y=1, block_x=64, block_c=bc, num_warps=8, block_qi=1,
+    _, vec = _phase_tile(stride * scale, bc)
+    block_j = min(64, 256 * vec // bc)  # 256 threads = block_c / vec x block_j
+    return AggregateConfig(block_y=1, block_j=block_j, block_c=bc, num_warps=8, block_qi=1,
                            block_qj=32, block_qc=bc, q_num_warps=8, block_ly=1, block_lx=32,
                            block_lc=min(8, bc), l_num_warps=4, num_stages=1)
+
+
+def _phase_tile(hr_stride: int, block_c: int) -> tuple[int, int]:
+    """(PH, VEC) of the forward kernel: the HR stride rounded up to a power of 2, and the
+    channels per thread, so that a thread holds PH x VEC <= 16 tile elements per row (VEC <= 4:
+    the channel stride is a multiple of 4; VEC <= block_c)."""
+    ph = triton.next_power_of_2(hr_stride)
+    return ph, max(1, min(4, 16 // ph, block_c))
 
 
 def _debug() -> bool:
@@ -152,6 +189,21 @@ def _pixel_tile(pid, HO, WO, q_top, q_left, BLOCK_Y: tl.constexpr, BLOCK_X: tl.c
 
 
 @triton.jit
+def _son_patch(idx_b, m, ok, r, k, N, n2, DEBUG: tl.constexpr):
+    """The rank-r son patch of queries m (used where ok): n_ok = idx in [0, N), use = ok &
+    n_ok, nn = the son index where use, else 0 (int32), and its son row and column (a, bb).
+    An idx outside [0, N) never drives a load (DEBUG: a device assertion)."""
+    n = tl.load(idx_b + m * k + r, mask=ok, other=0)
+    n_ok = (n >= 0) & (n < N)
+    if DEBUG:
+        tl.device_assert(n_ok | (ok == 0), "ignn_triton: idx outside [0, N)")
+    use = ok & n_ok
+    nn = tl.where(use, n, 0).to(tl.int32)
+    a = nn // n2
+    return n_ok, use, nn, a, nn - a * n2
+
+
+@triton.jit
 def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
                    H, W, C, m1, m2, n2, N, k, k_top, k_left,
                    HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
@@ -173,14 +225,7 @@ def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
         v = Xp - j * HSTRIDE
         ok = x_ok & (i >= 0) & (i < m1) & (u < HPATCH) & (j >= 0) & (j < m2) & (v < HPATCH)
         m = tl.where(ok, i * m2 + j, 0)
-        n = tl.load(idx_b + m * k + r, mask=ok, other=0)
-        n_ok = (n >= 0) & (n < N)
-        if DEBUG:
-            tl.device_assert(n_ok | (ok == 0), "ignn_triton: idx outside [0, N)")
-        use = ok & n_ok
-        nn = tl.where(use, n, 0).to(tl.int32)
-        a = nn // n2
-        bb = nn - a * n2
+        n_ok, use, nn, a, bb = _son_patch(idx_b, m, ok, r, k, N, n2, DEBUG)
         row = a * HSTRIDE + u - k_top
         col = bb * HSTRIDE + v - k_left
         f_ok = use & (row >= 0) & (row < H) & (col >= 0) & (col < W)
@@ -200,62 +245,128 @@ def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
 
 
 @triton.jit
-def _aggregate_fwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, logit_ptr, out_ptr,
+def _block_aggregate(acc, wgt, f_b, idx_b, qm_b, qs_b, km_b, kr_b, r, Yp0, Yp, ph, jb, c,
+                     c_ok, H, W, CS, m1, m2, n2, N, k, k_top, k_left,
+                     HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
+                     BLOCK_Y: tl.constexpr, VEC: tl.constexpr, DEBUG: tl.constexpr):
+    """acc + wgt * (sum over the covering queries of the AdaPN-normalised rank-r neighbour
+    value) for the forward's tile: the P pixels (padded HR row Yp, column HSTRIDE*jb + ph;
+    Yp, ph (P,)) of each column block jb (BLOCK_J,) x channels c; acc (P, BLOCK_J, BLOCK_C)
+    fp32, wgt (P, BLOCK_J). The covering query rows are a scalar range from the tile's first
+    row Yp0. The P pixels of a column block share their covering query columns jb - dj, so
+    idx and the statistics are loaded once per (query, channel) and broadcast over them; F
+    is gathered as runs of channels of the key block's pixels (NHWC, channel stride CS)."""
+    # query rows i whose HR rows [HSTRIDE*i, HSTRIDE*i + HPATCH) meet the tile's rows: a
+    # runtime loop (unrolled, LLVM hoists every row's gathers together)
+    i_lo = tl.maximum(Yp0 + HSTRIDE - HPATCH, 0) // HSTRIDE
+    i_hi = tl.minimum((Yp0 + BLOCK_Y - 1) // HSTRIDE, m1 - 1)
+    for i in range(i_lo, i_hi + 1):
+        u = Yp - i * HSTRIDE  # (P,) row inside query row i's HR patch
+        for dj in tl.static_range(NSLOT):
+            j = jb - dj
+            v = ph + dj * HSTRIDE  # (P,) column inside query column j's HR patch
+            # the tile pixels that query column j covers; with one row a compile-time mask
+            # (every i of the range covers it): the phases it misses cost nothing
+            p_ok = (ph < HSTRIDE) & (v < HPATCH)
+            if BLOCK_Y > 1:
+                p_ok = p_ok & (u >= 0) & (u < HPATCH)
+            j_ok = (j >= 0) & (j < m2)
+            m = tl.where(j_ok, i * m2 + j, 0)
+            n_ok, use, nn, a, bb = _son_patch(idx_b, m, j_ok, r, k, N, n2, DEBUG)
+            # the statistics: (1, BLOCK_J, BLOCK_C), 0 (alpha = beta = 0) for j off the grid;
+            # runs of VEC channels per thread, as F's below (the same layout: no conversion)
+            umask = use[None, :, None] & c_ok[None, None, :]
+            q_off = tl.max_contiguous(m[None, :, None] * CS + c[None, None, :], [1, 1, VEC])
+            k_off = tl.max_contiguous(nn[None, :, None] * CS + c[None, None, :], [1, 1, VEC])
+            mq = tl.load(qm_b + q_off, mask=umask, other=0.0)
+            sq = tl.load(qs_b + q_off, mask=umask, other=0.0)
+            mk = tl.load(km_b + k_off, mask=umask, other=0.0)
+            rk = tl.load(kr_b + k_off, mask=umask, other=0.0)
+            alpha = sq * rk  # Z = F * alpha + beta
+            beta = tl.where(n_ok[None, :, None], mq - mk * alpha, float("nan"))  # bad idx
+            row = u[:, None] + (a * HSTRIDE - k_top)[None, :]  # F row / column of the pixel
+            col = v[:, None] + (bb * HSTRIDE - k_left)[None, :]
+            f_ok = (p_ok[:, None] & use[None, :] & (row >= 0) & (row < H) & (col >= 0)
+                    & (col < W))
+            # runs of VEC channels per thread for fp32 and 16-bit F alike: the layout of the
+            # fp32 statistics (wider 16-bit vectors would cost a layout conversion per slot)
+            f_off = tl.max_contiguous(((row * W + col) * CS)[:, :, None] + c[None, None, :],
+                                      [1, 1, VEC])
+            f = tl.load(f_b + f_off, mask=f_ok[:, :, None] & c_ok[None, None, :], other=0.0)
+            z = f.to(tl.float32) * alpha + beta
+            acc += tl.where(p_ok[:, None, None], z * wgt[:, :, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _aggregate_fwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, kr_ptr, logit_ptr, out_ptr,
                           H, W, C, m1, m2, n2, N, k, HO, WO, q_top, q_left, k_top, k_left,
                           HSTRIDE: tl.constexpr, HPATCH: tl.constexpr, NSLOT: tl.constexpr,
-                          BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
-                          BLOCK_C: tl.constexpr, WEIGHTED: tl.constexpr,
-                          DEBUG: tl.constexpr):
+                          PH: tl.constexpr, VEC: tl.constexpr, BLOCK_Y: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                          WEIGHTED: tl.constexpr, DEBUG: tl.constexpr):
     """knn_hr (B, k, C, HO, WO) or, WEIGHTED, x1_hr (B, C, HO, WO) in out's dtype.
-    f: NHWC (B, H, W, C); idx (B, M, k) int64; q stats (B, M, C), k stats (B, N, C) fp32;
-    logits (B, k, HO, WO). One program = a BLOCK_Y x BLOCK_X pixel tile x BLOCK_C channels."""
-    BLOCK_P: tl.constexpr = BLOCK_Y * BLOCK_X
+    f: NHWC (B, H, W, CS), CS = C rounded up to a multiple of 4 (zero padded); idx (B, M, k)
+    int64; q mean / std (B, M, CS), k mean and 1 / k std (B, N, CS) fp32; logits
+    (B, k, HO, WO). One program = BLOCK_Y HR rows x the HR columns of BLOCK_J HSTRIDE-wide
+    column blocks x BLOCK_C channels, a (P, BLOCK_J, BLOCK_C) tile: P = BLOCK_Y * PH pixels
+    per column block, PH = HSTRIDE rounded up to a power of 2 (phases >= HSTRIDE unused)."""
+    P: tl.constexpr = BLOCK_Y * PH
+    njb = tl.cdiv(tl.cdiv(WO + q_left, HSTRIDE), BLOCK_J)
+    pid = tl.program_id(0)
     cb = tl.program_id(1)
     b = tl.program_id(2)
-    Y, X, Yp, Xp, x_ok = _pixel_tile(tl.program_id(0), HO, WO, q_top, q_left, BLOCK_Y,
-                                     BLOCK_X)
+    ty = pid // njb
+    jb = (pid - ty * njb) * BLOCK_J + tl.arange(0, BLOCK_J)  # padded HR column // HSTRIDE
+    p = tl.arange(0, P)
+    ph = p % PH  # padded HR column % HSTRIDE
+    Y = ty * BLOCK_Y + p // PH  # (P,)
+    X = ph[:, None] + (jb * HSTRIDE - q_left)[None, :]  # (P, BLOCK_J)
+    x_ok = ((ph < HSTRIDE) & (Y < HO))[:, None] & (X >= 0) & (X < WO)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    CS = tl.cdiv(C, 4) * 4
+    cs_ok = c < CS  # loads: whole runs of 4 channels, vectorisable whatever C is
     M = m1 * m2
     b64 = b.to(tl.int64)
-    f_b = f_ptr + b64 * H * W * C
+    f_b = f_ptr + b64 * H * W * CS
     idx_b = idx_ptr + b64 * M * k
-    qm_b = qm_ptr + b64 * M * C
-    qs_b = qs_ptr + b64 * M * C
-    km_b = km_ptr + b64 * N * C
-    ks_b = ks_ptr + b64 * N * C
-    cnt = (_cover_count(Yp, m1, HSTRIDE, HPATCH, NSLOT)
-           * _cover_count(Xp, m2, HSTRIDE, HPATCH, NSLOT))
+    qm_b = qm_ptr + b64 * M * CS
+    qs_b = qs_ptr + b64 * M * CS
+    km_b = km_ptr + b64 * N * CS
+    kr_b = kr_ptr + b64 * N * CS
+    cnt = (_cover_count(Y + q_top, m1, HSTRIDE, HPATCH, NSLOT)[:, None]
+           * _cover_count(X + q_left, m2, HSTRIDE, HPATCH, NSLOT))
     inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)  # every valid HR pixel has cnt >= 1
     HW = HO * WO
-    pix = tl.where(x_ok, Y * WO + X, 0)
-    omask = x_ok[:, None] & c_ok[None, :]
-    if WEIGHTED:
-        lg_b = logit_ptr + b64 * k * HW + pix
-        mx = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    pix = Y[:, None] * WO + X  # (P, BLOCK_J)
+    omask = x_ok[:, :, None] & (c < C)[None, None, :]
+    Yp0 = ty * BLOCK_Y + q_top
+    acc = tl.zeros((P, BLOCK_J, BLOCK_C), tl.float32)
+    if WEIGHTED:  # the softmax over ranks per pixel, in fp32: max, then sum of exp
+        lg_b = logit_ptr + b64 * k * HW
+        mx = tl.full((P, BLOCK_J), float("-inf"), tl.float32)
         for r in range(0, k):
-            mx = tl.maximum(mx, tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32))
-        den = tl.zeros((BLOCK_P,), tl.float32)
+            mx = tl.maximum(mx, tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32))
+        den = tl.zeros((P, BLOCK_J), tl.float32)
         for r in range(0, k):
-            den += tl.exp(tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32) - mx)
-        wscale = inv / den
-        acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+            den += tl.exp(tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32) - mx)
+        shift = mx + tl.log(den / inv)  # softmax weight / count = exp(logit - shift)
         for r in range(0, k):
-            lr = tl.load(lg_b + r * HW, mask=x_ok, other=0.0).to(tl.float32)
-            w = tl.exp(lr - mx) * wscale
-            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
-                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
-                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
-            acc += val * w[:, None]
-        out = out_ptr + (b64 * C + c)[None, :] * HW + pix[:, None]
+            lr = tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32)
+            acc = _block_aggregate(acc, tl.exp(lr - shift), f_b, idx_b, qm_b, qs_b,
+                                   km_b, kr_b, r, Yp0, Y + q_top, ph, jb, c, cs_ok, H, W, CS,
+                                   m1, m2, n2, N, k, k_top, k_left, HSTRIDE, HPATCH, NSLOT,
+                                   BLOCK_Y, VEC, DEBUG)
+        out = out_ptr + (b64 * C + c)[None, None, :] * HW + pix[:, :, None]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         for r in range(0, k):
-            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
-                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
-                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
-            out = out_ptr + ((b64 * k + r) * C + c)[None, :] * HW + pix[:, None]
-            tl.store(out, (val * inv[:, None]).to(out_ptr.dtype.element_ty), mask=omask)
+            val = _block_aggregate(acc, inv, f_b, idx_b, qm_b, qs_b, km_b, kr_b, r, Yp0,
+                                   Y + q_top, ph, jb, c, cs_ok, H, W, CS, m1, m2, n2, N, k,
+                                   k_top, k_left, HSTRIDE, HPATCH, NSLOT, BLOCK_Y, VEC,
+                                   DEBUG)
+            out = out_ptr + ((b64 * k + r) * C + c)[None, None, :] * HW + pix[:, :, None]
+            tl.store(out, val.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -361,14 +472,7 @@ def _aggregate_bwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, gout_p
     Y0 = i * HSTRIDE - q_top
     dx1_b = gout_ptr + (b64 * C + c)[None, :] * HW  # WEIGHTED: dx1 (B, C, HO, WO)
     for r in range(0, k):
-        n = tl.load(idx_b + m * k + r, mask=q_ok, other=0)
-        n_ok = (n >= 0) & (n < N)
-        if DEBUG:
-            tl.device_assert(n_ok | (q_ok == 0), "ignn_triton: idx outside [0, N)")
-        use = q_ok & n_ok
-        nn = tl.where(use, n, 0).to(tl.int32)
-        a = nn // n2
-        bb = nn - a * n2
+        n_ok, use, nn, a, bb = _son_patch(idx_b, m, q_ok, r, k, N, n2, DEBUG)
         umask = use[:, None] & c_ok[None, :]
         k_off = nn[:, None] * C + c[None, :]
         mk = tl.load(km_b + k_off, mask=umask, other=0.0)
@@ -500,13 +604,20 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
         return out
     if k == 0:  # weighted with no neighbours: the sum of nothing
         return out.zero_()
-    cfg = config or default_aggregate_config(C, feat.dtype)
-    grid = (_pixel_tiles(HO, WO, cfg.block_y, cfg.block_x), triton.cdiv(C, cfg.block_c), B)
+    cfg = config or default_aggregate_config(C, feat.dtype, scale, stride)
+    kr = 1.0 / ks  # the kernel multiplies by 1 / sigma_k
+    if C % 4:  # the kernel reads whole runs of 4 channels: zero-pad the channel-last copies
+        f_cl, qm, qs, km, kr = [torch.nn.functional.pad(t, (0, -C % 4))
+                                for t in (f_cl, qm, qs, km, kr)]
+    col_blocks = triton.cdiv(scale * geo.query_w.pad_before + WO, geo.hr_stride)
+    grid = (triton.cdiv(HO, cfg.block_y) * triton.cdiv(col_blocks, cfg.block_j),
+            triton.cdiv(C, cfg.block_c), B)
+    ph, vec = _phase_tile(geo.hr_stride, cfg.block_c)
     _aggregate_fwd_kernel[grid](
-        f_cl, idx, qm, qs, km, ks, logits if weighted else out, out, *_geo_args(geo, C, k),
-        **_geo_constexprs(geo), BLOCK_Y=cfg.block_y, BLOCK_X=cfg.block_x, BLOCK_C=cfg.block_c,
-        WEIGHTED=weighted,
-        DEBUG=_debug(), **_launch_options(cfg.num_warps, cfg.num_stages))
+        f_cl, idx, qm, qs, km, kr, logits if weighted else out, out, *_geo_args(geo, C, k),
+        **_geo_constexprs(geo), PH=ph, VEC=vec, BLOCK_Y=cfg.block_y, BLOCK_J=cfg.block_j,
+        BLOCK_C=cfg.block_c, WEIGHTED=weighted, DEBUG=_debug(),
+        **_launch_options(cfg.num_warps, cfg.num_stages))
     return out
 
 
@@ -572,7 +683,7 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
 # Default configs for the model: C = 256 (paper; 64 for small models uses the same tiles),
 # k = 5, p = 3, t = 2, s = 2 (x2 and x4 models) for every dtype, s = 3 (x3) for fp32.
 DEFAULT_CONFIGS = [
-    {"dtype": dt, "C": 256, "k": 5, "scale": s, "config": default_aggregate_config(256, dt)}
+    {"dtype": dt, "C": 256, "k": 5, "scale": s, "config": default_aggregate_config(256, dt, s)}
     for dt, s in ((torch.float32, 2), (torch.float16, 2), (torch.bfloat16, 2),
                   (torch.float32, 3))
 ]
@@ -593,10 +704,13 @@ def aot_specs(configs=None):
         stats = {n: "*fp32" for n in ("qm_ptr", "qs_ptr", "km_ptr", "ks_ptr")}
         for weighted in (False, True):
             mode = "x1" if weighted else "knn"
-            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "logit_ptr": f"*{ty}",
+            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", "qm_ptr": "*fp32", "qs_ptr": "*fp32",
+                   "km_ptr": "*fp32", "kr_ptr": "*fp32", "logit_ptr": f"*{ty}",
                    "out_ptr": f"*{ty}", **ints}
-            const = {**geo, "BLOCK_Y": cfg.block_y, "BLOCK_X": cfg.block_x,
-                     "BLOCK_C": cfg.block_c, "WEIGHTED": weighted, "DEBUG": False}
+            ph, vec = _phase_tile(2 * s, cfg.block_c)
+            const = {**geo, "PH": ph, "VEC": vec, "BLOCK_Y": cfg.block_y,
+                     "BLOCK_J": cfg.block_j, "BLOCK_C": cfg.block_c, "WEIGHTED": weighted,
+                     "DEBUG": False}
             sig.update({n: "constexpr" for n in const})
             specs.append((f"aggregate_fwd_{mode}_s{s}[{ty}]", _aggregate_fwd_kernel, sig,
                           const, opts))

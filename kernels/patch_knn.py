@@ -34,10 +34,10 @@ Design
   candidate whose key can be below the threshold key: a smaller d, a NaN d, and any d while
   thr_d is NaN. A tie d == thr_d cannot be: tiles visit son indices n in ascending order,
   so a candidate's n is larger than that of every key in the set (and d is never -0.0:
-  |q|^2 + |k|^2 is +0 or more, and +0 - (+-0) = +0). When no candidate of the block passes, the tile is done
-  without building a key; otherwise the keys are built and a while loop inserts each row's
-  tile minimum in place of the set's maximum until no row has a candidate below its
-  threshold (at most k rounds). At the end k rounds of tl.min emit the set in ascending
+  |q|^2 + |k|^2 is +0 or more, and +0 - (+-0) = +0). When no candidate of the block
+  passes, the tile is done without building a key; otherwise the keys are built and a while
+  loop inserts each row's tile minimum in place of the set's maximum until no row has a
+  candidate below its threshold (at most k rounds). At the end k rounds of tl.min emit the set in ascending
   order and the keys are decoded. idx is always an in-window index, NaN or not.
 * Edge features: a second, memory-bound kernel. The ops API hands idx in separately, and
   the work is ~1/(wh*ww) of the matching, so fusing it would only add registers to the hot

@@ -16,8 +16,9 @@ torch.cuda.max_memory_allocated() reports above the inputs, except for
 Checked against the H100 measurements of 2026-11-24 (profiling/results/*ga-model-train*):
 the prediction for our block's forward (before the ECN ran per rank) was 4-9% under the
 measured peak at all six shapes, the reference's 11-23% under (its topk and matmul
-workspaces), so the predicted ratio ours / reference errs on the high side. The same ops run here as on CUDA: the custom ops'
-fake implementations give the CUDA kernels' output shapes.
+workspaces), so the predicted ratio ours / reference errs on the high side; for forward +
+backward, 1-7% under for ours and 0-5% for the reference. The same ops run here as on CUDA:
+the custom ops' fake implementations give the CUDA kernels' output shapes.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Runs on the GPU when there is one, else under the Triton interpreter on CPU (conftest sets
 TRITON_INTERPRET=1). Under the interpreter every launch pays ~0.1 ms per tensor op per
 program, so the default tests pin one-tile-per-plane configs (few programs); one test
-runs small multi-tile configs to exercise tile edges and channel tails.
+runs small multi-tile configs to exercise tile edges and channel tails, and a few run the
+forward as the launcher does on a GPU (one HR row per program: compile-time phase masks) in
+small tiles, on small planes.
 
 Contract checked (float64 reference computed from the same, already rounded, inputs):
 * statistics: mean and sqrt(unbiased var + 1e-5) of reference.graph.query_stats / key_stats
@@ -50,15 +52,19 @@ OUT_TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 1e-3),
 GRAD_TOL = (1e-4, 2e-5)  # fp32 gradients (atomics: summation order varies)
 
 # Interpreter: one tile covers a whole (small) HR plane / query grid / stats plane.
-BIG = pa.AggregateConfig(block_y=64, block_x=64, block_c=8, num_warps=4, block_qi=8,
+BIG = pa.AggregateConfig(block_y=64, block_j=16, block_c=8, num_warps=4, block_qi=8,
                          block_qj=8, block_qc=8, q_num_warps=4, block_ly=64, block_lx=64,
                          block_lc=8, l_num_warps=4)
 STATS_BIG = ps.StatsConfig(block_g=64, block_p=256, num_warps=4)
 # Multi-tile: partial pixel / query / channel tiles everywhere.
-SMALL = pa.AggregateConfig(block_y=4, block_x=16, block_c=4, num_warps=4, block_qi=2,
+SMALL = pa.AggregateConfig(block_y=2, block_j=2, block_c=4, num_warps=4, block_qi=2,
                            block_qj=4, block_qc=4, q_num_warps=4, block_ly=2, block_lx=16,
                            block_lc=4, l_num_warps=4)
 STATS_SMALL = ps.StatsConfig(block_g=8, block_p=16, num_warps=4)
+# The forward as the launcher runs it (one HR row per program: compile-time phase masks), in
+# small tiles: several rows, column blocks (a partial one at the right edge) and channel
+# blocks (a partial one) per plane.
+ROWS = pa.AggregateConfig(block_y=1, block_j=4, block_c=4, num_warps=4)
 AGG_CFG = None if GPU else BIG  # None = the launcher's defaults
 STATS_CFG = None if GPU else STATS_BIG
 
@@ -329,6 +335,75 @@ def test_small_tiles(s):
     if s == 2:  # the backward with many programs is slow under the interpreter: one scale
         _check_backward(1, C, h, w, s, torch.float32, 5, 1, True, SMALL)
         _check_backward(1, C, h, w, s, torch.float32, 6, 1, False, SMALL)
+
+
+@pytest.mark.parametrize("s, dtype", [(2, torch.float32), (3, torch.float32),
+                                      (2, torch.bfloat16)], ids=["s2-fp32", "s3-fp32", "s2-bf16"])
+def test_forward_one_row_per_program(s, dtype):
+    """block_y = 1 (the default): rows covered by one and by two query rows, phases
+    >= 2s masked (s = 3: 8 phases for a stride of 6), odd H and W (s = 3: 9 x 9), 5 column
+    blocks in 2 programs (the second one partial), C = 6 (channel-last copies padded to 8;
+    2 channel programs); knn_hr and x1_hr."""
+    B, C, h, w, k = 1, 6, 3, 5 if s == 2 else 3, 2
+    feat, f64, stats, idx, logits = make_case(20 + s, B, C, h, w, s, k, dtype)
+    want = ref_knn(f64, idx, *[t.float().double() for t in stats], s)
+    fd, idd, ld = dev(feat, idx, logits)
+    st32 = stats32(stats)
+    close(pa.patch_aggregate(fd, idd, *st32, s, config=ROWS), want, OUT_TOL[dtype],
+          "knn one row per program")
+    close(pa.patch_aggregate(fd, idd, *st32, s, logits=ld, config=ROWS),
+          ref.weighted_sum(want, logits.double()), OUT_TOL[dtype], "x1 one row per program")
+
+
+@pytest.mark.parametrize("patch, stride, H, W", [(5, 2, 10, 12), (4, 3, 8, 10)],
+                         ids=["p5-t2", "p4-t3"])
+def test_forward_other_patch_and_stride(patch, stride, H, W):
+    """Other geometries, one row per program: 3 covering query rows and columns (p = 5,
+    t = 2), top / left padding (p = 4, t = 3: HR padding 2 before); s = 2, both modes."""
+    s, k = 2, 2
+    gen = torch.Generator().manual_seed(patch)
+    feat = torch.randn(1, 4, H, W, generator=gen)
+    geo = graph_geometry(H, W, s, patch, stride)
+    idx = torch.randint(0, geo.num_keys, (1, geo.num_queries, k), generator=gen)
+    logits = 2 * torch.randn(1, k, H * s, W * s, generator=gen)
+    f64 = feat.double()
+    stats = (*ref.query_stats(f64, patch, stride), *ref.key_stats(f64, s, patch, stride))
+    want = ref_knn(f64, idx, *[t.float().double() for t in stats], s, patch, stride)
+    fd, idd, ld = dev(feat, idx, logits)
+    st32 = stats32(stats)
+    close(pa.patch_aggregate(fd, idd, *st32, s, patch, stride, config=ROWS), want,
+          OUT_TOL[torch.float32], "knn other geometry")
+    close(pa.patch_aggregate(fd, idd, *st32, s, patch, stride, logits=ld, config=ROWS),
+          ref.weighted_sum(want, logits.double()), OUT_TOL[torch.float32], "x1 other geometry")
+
+
+@pytest.mark.parametrize("config", [ROWS, BIG], ids=["rows", "block"])
+@pytest.mark.parametrize("s", [2, 3])
+def test_bad_idx_poisons_exactly_its_pixels(s, config):
+    """An idx outside [0, N) makes NaN exactly the HR pixels of its query's patch in its
+    rank's knn_hr plane (every channel), and in x1_hr wherever any rank is NaN; every other
+    output equals the reference (with the bad entries replaced by a valid index)."""
+    B, C, h, w, k = 1, 5, 3, 4 if s == 2 else 3, 2
+    feat, f64, stats, idx, logits = make_case(30 + s, B, C, h, w, s, k, torch.float32)
+    geo = graph_geometry(h * s, w * s, s)
+    bad = idx.clone()
+    bad[0, 0, 0] = geo.num_keys  # first query, rank 0
+    bad[0, geo.m2 + 1, 1] = -1  # second query row, rank 1
+    bad[0, -1, 0] = geo.num_keys + 7  # last query (bottom right), rank 0
+    is_bad = (bad < 0) | (bad >= geo.num_keys)  # (B, M, k)
+    cols = is_bad.permute(0, 2, 1)[:, :, None, :].double().expand(B, k, (3 * s) ** 2, -1)
+    nan_knn = ref.fold_hr(cols, (h * s, w * s), s) > 0  # (B, k, sH, sW)
+    nan_knn = nan_knn[:, :, None].expand(B, k, C, h * s * s, w * s * s)
+    want = ref_knn(f64, torch.where(is_bad, 0, bad), *[t.float().double() for t in stats], s)
+    fd, bd, ld = dev(feat, bad, logits)
+    st32 = stats32(stats)
+    knn = pa.patch_aggregate(fd, bd, *st32, s, config=config).cpu()
+    close(knn, torch.where(nan_knn, float("nan"), want), OUT_TOL[torch.float32],
+          "knn with bad idx")
+    x1 = pa.patch_aggregate(fd, bd, *st32, s, logits=ld, config=config).cpu()
+    want_x1 = ref.weighted_sum(want, logits.double())
+    close(x1, torch.where(nan_knn.any(1), float("nan"), want_x1), OUT_TOL[torch.float32],
+          "x1 with bad idx")
 
 
 def test_default_config_runs():
