@@ -143,12 +143,13 @@ def test_tensorboard_events_when_installed(data, tmp_path, monkeypatch):
 
 def test_ddp_two_processes_gloo(data, tmp_path):
     """torchrun with 2 CPU processes: ranks end identical (the trainer checks it), only rank
-    0 writes, and the result matches one process with the same global batch."""
+    0 writes, and the result matches one process with the same global batch. The DDP run
+    also recomputes the GA per rank (--checkpoint-ga), which DDP's hooks must survive."""
     args = ["--data", data / "train", *TINY, "--steps", "3", "--workers", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port", str(29500 + os.getpid() % 1000), "-m", "ignn_triton.train",
-           *map(str, args), "--out", str(tmp_path / "ddp")]
+           *map(str, args), "--checkpoint-ga", "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("training IGNN") == 1 and done.stderr.count("done: step 3") == 1
