@@ -69,9 +69,11 @@ def test_training_step_gives_finite_gradients_to_every_trainable_parameter():
             assert p.grad is None, name
 
 
-def test_ga_checkpoint_recomputes_the_same_gradients():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_ga_checkpoint_recomputes_the_same_gradients(autocast):
     """GraphAggregation.checkpoint trades memory for a second forward of each rank: the
-    result and every gradient stay bit-identical, and inference is untouched by it."""
+    result and every gradient stay bit-identical (under bf16 autocast too: the recomputation
+    runs under the autocast state of the forward), and inference is untouched by it."""
     torch.manual_seed(2)
     model = IGNN(scale=4, n_feats=8, n_resblocks=2, window=5)
     x = torch.rand(2, 3, 14, 18)
@@ -79,11 +81,13 @@ def test_ga_checkpoint_recomputes_the_same_gradients():
     for checkpoint in (False, True):
         model.zero_grad()
         model.gcn.checkpoint = checkpoint
-        y = model(x)
-        y.square().mean().backward()
-        with torch.no_grad():
-            results.append((y.detach(), model(x),
-                            [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+            with torch.no_grad():
+                inference = model(x)
+        y.float().square().mean().backward()
+        results.append((y.detach(), inference,
+                        [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (y0, inf0, g0), (y1, inf1, g1) = results
     assert torch.equal(y0, y1) and torch.equal(inf0, inf1) and torch.equal(y0, inf0)
     assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
