@@ -19,6 +19,11 @@ class Grid1d:
     pad_after: int
     count: int  # number of patches
 
+    @property
+    def padded(self) -> int:
+        """Length of the zero-padded map."""
+        return self.pad_before + self.size + self.pad_after
+
 
 def grid_1d(size: int, patch: int = 3, stride: int = 2) -> Grid1d:
     """padv = (-(size - patch)) mod stride, split floor/ceil before/after (spec section 2)."""

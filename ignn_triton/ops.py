@@ -434,8 +434,7 @@ def _(feat, idx, q_mean, q_std, k_mean, k_std, logits, grad_out, scale, patch, s
 def _hr_count(geo: GraphGeometry, like: torch.Tensor) -> torch.Tensor:
     """(padded sH, padded sW): how many query HR patches cover each padded HR pixel."""
     s = geo.scale
-    padded_hw = (s * (geo.query_h.size + geo.query_h.pad_before + geo.query_h.pad_after),
-                 s * (geo.query_w.size + geo.query_w.pad_before + geo.query_w.pad_after))
+    padded_hw = (s * geo.query_h.padded, s * geo.query_w.padded)
     ones = like.new_ones(1, geo.hr_patch ** 2, geo.num_queries)
     return F.fold(ones, padded_hw, geo.hr_patch, stride=geo.hr_stride)[0, 0]
 

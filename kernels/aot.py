@@ -6,8 +6,11 @@ resource report (registers, stack, spills, shared memory, tensor-core instructio
 
 A kernel module lists what it launches in `aot_specs()`: tuples (name, jit function,
 signature {arg: "*fp16" | "i32" | "constexpr" ...}, constexprs {arg: value},
-options {"num_warps": .., "num_stages": ..}). Pointer arguments are compiled as 16-byte
-aligned, as a JIT launch specialises them for torch allocations.
+options {"num_warps": .., "num_stages": .., "jit_ints": {int arg: value}}). Pointer
+arguments are compiled as 16-byte aligned, as a JIT launch specialises them for torch
+allocations. With "jit_ints" (the integer arguments at a representative shape) the spec is
+compiled twice: for any shape, and as "<name>@jit", the way the JIT specialises it at that
+shape (ints that are multiples of 16 known divisible): both must be spill-free.
 
 Under TRITON_INTERPRET=1, @triton.jit yields interpreter functions that cannot be compiled,
 so compile_specs then runs the compilation in a child process without that variable (one
@@ -111,9 +114,12 @@ def _spills(cubin: bytes) -> tuple[int, int]:
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warps: int = 4,
-                   num_stages: int = 3, name: str | None = None) -> AotReport:
+                   num_stages: int = 3, name: str | None = None,
+                   divisible: tuple = ()) -> AotReport:
     """Compile one @triton.jit function for sm_{arch} in this process and report resources.
-    Pointer arguments are assumed 16-byte aligned (as the JIT specialises them)."""
+    Pointer arguments are assumed 16-byte aligned (as the JIT specialises them), and so are
+    the integer arguments named in `divisible` (the JIT's specialisation of an int that is a
+    multiple of 16)."""
     import triton
     from triton.runtime.jit import JITFunction
 
@@ -121,7 +127,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
         raise TypeError(f"{getattr(fn, '__name__', fn)} is not a JITFunction (TRITON_INTERPRET "
                         "is set?): use compile_specs, which compiles in a child process")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a, ty in signature.items() if ty.startswith("*")}
+             for a, ty in signature.items() if ty.startswith("*") or a in divisible}
     src = _ast_source(fn, signature, constexprs, attrs)
     compiled = triton.compile(src, target=_target(arch),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -137,16 +143,30 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
                      num_warps=num_warps, num_stages=num_stages)
 
 
+def variants(name: str, options: dict) -> list[tuple[str, tuple]]:
+    """(name, divisible ints) of each compilation of a spec: as is (no integer argument known
+    divisible: any shape), and, when options["jit_ints"] gives the integer arguments' values
+    at a representative shape, also "<name>@jit", compiled as the JIT specialises it there
+    (the ints that are multiples of 16 marked divisible: different code, registers, spills)."""
+    out = [(name, ())]
+    values = options.get("jit_ints")
+    if values:
+        out.append((name + "@jit", tuple(a for a, v in values.items() if v % 16 == 0)))
+    return out
+
+
 def _compile_in_process(module: str, archs) -> list[AotReport]:
     import importlib
 
     mod = importlib.import_module(module)
     reports = []
     for name, fn, signature, constexprs, options in mod.aot_specs():
-        for arch in archs:
-            reports.append(compile_kernel(fn, signature, constexprs, arch, name=name,
-                                          num_warps=options.get("num_warps", 4),
-                                          num_stages=options.get("num_stages", 3)))
+        for variant, divisible in variants(name, options):
+            for arch in archs:
+                reports.append(compile_kernel(fn, signature, constexprs, arch, name=variant,
+                                              num_warps=options.get("num_warps", 4),
+                                              num_stages=options.get("num_stages", 3),
+                                              divisible=divisible))
     return reports
 
 

@@ -111,14 +111,14 @@ class AggregateConfig:
 def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
                              stride: int = 2) -> AggregateConfig:
     """Forward (its tile depends on the HR stride t * s): 1 HR row x block_j column blocks x
-    16 channels on 8 warps, each thread holding the PH phases x VEC channels of one column
-    block (16 fp32 accumulators: 4 x 4 at s = 2, 8 x 2 at s = 3), so 256 threads = block_c /
-    VEC x block_j: block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3. Narrow images
-    leave lanes idle (LR 40 at s = 2: 20 column blocks of 64). Triton 3.9 (the AOT test):
-    79-159 registers, no spills on sm_80 / sm_90 for every dtype; as the JIT specialises it
-    for C = 256, 128 x 128: 64-139, one 4-byte spill (sm_80 knn fp32, outside the loops).
-    4 warps x 32 column blocks: fewer registers (72-89) but ptxas spilled 4-16 bytes in some
-    x1 variants. Neither is timed on a GPU yet (profiling/NOTES.md).
+    16 channels, each thread holding the PH phases x VEC channels of one column block (16
+    fp32 accumulators: 4 x 4 at s = 2, 8 x 2 at s = 3), so threads = block_c / VEC x
+    block_j: on 8 warps, block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3; fp32 at
+    s = 2 on 4 warps, block_j = 32. Narrow images leave lanes idle (LR 40 at s = 2: 20
+    column blocks of 64). Chosen among 8 / 4 warps so that no AOT compilation spills, as
+    compiled for any shape and as the JIT specialises it (triton 3.9, sm_80 / sm_90): fp32
+    at s = 2 on 8 warps spilled 8 bytes on sm_80 (JIT), fp16 on 4 warps 32 (x1, sm_80).
+    Not timed on a GPU yet (profiling/NOTES.md).
     Main backward: 1 x 32 queries x 16 channels on 8 warps (2 per thread). Backward to the
     logits: 1 x 32 pixels x 8-channel steps on 4 warps (a pixel-centric kernel like the old
     forward). From register sweeps and H100 timings: ptxas settles these kernels near 64-80
@@ -128,8 +128,9 @@ def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
     128x128x256 x1 backward)."""
     bc = min(16, triton.next_power_of_2(max(1, C)))
     _, vec = _phase_tile(stride * scale, bc)
-    block_j = min(64, 256 * vec // bc)  # 256 threads = block_c / vec x block_j
-    return AggregateConfig(block_y=1, block_j=block_j, block_c=bc, num_warps=8, block_qi=1,
+    warps = 4 if dtype == torch.float32 and stride * scale == 4 else 8
+    block_j = min(64, warps * 32 * vec // bc)  # threads = block_c / vec x block_j
+    return AggregateConfig(block_y=1, block_j=block_j, block_c=bc, num_warps=warps, block_qi=1,
                            block_qj=32, block_qc=bc, q_num_warps=8, block_ly=1, block_lx=32,
                            block_lc=min(8, bc), l_num_warps=4, num_stages=1)
 
@@ -699,7 +700,10 @@ def aot_specs(configs=None):
     for c in configs or DEFAULT_CONFIGS:
         ty, s, cfg = _TL_TYPES[c["dtype"]], c["scale"], c["config"]
         geo = {"HSTRIDE": 2 * s, "HPATCH": 3 * s, "NSLOT": triton.cdiv(3 * s, 2 * s)}
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        # the JIT's view at a typical shape: LR 128 x 128 (192 x 192 for s = 3), B = 1
+        lr = 128 if s == 2 else 192
+        jit = dict(zip(_INT_ARGS, _geo_args(graph_geometry(lr, lr, s), c["C"], c["k"])))
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "jit_ints": jit}
         ints = {n: "i32" for n in _INT_ARGS}
         stats = {n: "*fp32" for n in ("qm_ptr", "qs_ptr", "km_ptr", "ks_ptr")}
         for weighted in (False, True):
@@ -721,12 +725,12 @@ def aot_specs(configs=None):
                      "BLOCK_C": cfg.block_qc, "WEIGHTED": weighted, "DEBUG": False}
             sig.update({n: "constexpr" for n in const})
             specs.append((f"aggregate_bwd_{mode}_s{s}[{ty}]", _aggregate_bwd_kernel, sig,
-                          const, {"num_warps": cfg.q_num_warps, "num_stages": cfg.num_stages}))
+                          const, {**opts, "num_warps": cfg.q_num_warps}))
         sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "logit_ptr": f"*{ty}",
                "gout_ptr": f"*{ty}", "glogit_ptr": f"*{ty}", "w_ptr": "*fp32", **ints}
         const = {**geo, "KPAD": triton.next_power_of_2(c["k"]), "BLOCK_Y": cfg.block_ly,
                  "BLOCK_X": cfg.block_lx, "BLOCK_C": cfg.block_lc, "DEBUG": False}
         sig.update({n: "constexpr" for n in const})
         specs.append((f"aggregate_bwd_logits_s{s}[{ty}]", _aggregate_bwd_logits_kernel, sig,
-                      const, {"num_warps": cfg.l_num_warps, "num_stages": cfg.num_stages}))
+                      const, {**opts, "num_warps": cfg.l_num_warps}))
     return specs

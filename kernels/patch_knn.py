@@ -361,8 +361,7 @@ def _padded_channels_last(x: torch.Tensor, grid_h, grid_w, ep: int) -> torch.Ten
     """(B, E, h, w) -> zero-padded (B, pad_before + h + pad_after, ..., ep) channels-last copy,
     one pass (_pack_kernel writes every element, pads and extra channels as zeros)."""
     B, E, h, w = x.shape
-    Hp = grid_h.pad_before + h + grid_h.pad_after
-    Wp = grid_w.pad_before + w + grid_w.pad_after
+    Hp, Wp = grid_h.padded, grid_w.padded
     out = torch.empty(B, Hp, Wp, ep, device=x.device, dtype=x.dtype)
     _pack_kernel[(triton.cdiv(Wp, _PACK_BLOCK_W), Hp, B)](
         x, out, E, h, w, Hp, Wp, grid_h.pad_before, grid_w.pad_before, EP=ep,
@@ -461,6 +460,8 @@ def aot_specs(configs=None):
         ty = _TL_TYPES[c["dtype"]]
         knn, edge = c["knn"], c["edge"]
         ep = triton.cdiv(c["E"], knn.block_e) * knn.block_e
+        # the JIT's view at the bench's shape: LR 256 x 256, s = 2, window 30, B = 1
+        jit = _jit_ints(graph_geometry(256, 256, 2, 3, 2, 30), c["E"], c["k"])
         specs.append((f"pack[{ty}]", _pack_kernel,
                       {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "E": "i32", "h": "i32", "w": "i32",
                        "Hp": "i32", "Wp": "i32", "top": "i32", "left": "i32", "EP": "constexpr",
@@ -484,7 +485,8 @@ def aot_specs(configs=None):
                  "KPAD": _kpad(c["k"]), "PRECISION": _precision(knn, c["dtype"])}
         sig.update({name: "constexpr" for name in const})
         specs.append((f"patch_knn[{ty}]", _patch_knn_kernel, sig, const,
-                      {"num_warps": knn.num_warps, "num_stages": knn.num_stages}))
+                      {"num_warps": knn.num_warps, "num_stages": knn.num_stages,
+                       "jit_ints": {n: jit[n] for n in sig if sig[n] == "i32"}}))
         sig = {"yq_ptr": f"*{ty}", "xk_ptr": f"*{ty}", "idx_ptr": "*i64", "out_ptr": f"*{ty}"}
         sig.update({name: "i32" for name in ("Hq", "Wq", "Hk", "Wk", "m2", "n2", "N", "MK", "k",
                                              "E")})
@@ -492,8 +494,17 @@ def aot_specs(configs=None):
                  "BLOCK_Q": edge.block_q, "BLOCK_E": edge.block_e}
         sig.update({name: "constexpr" for name in const})
         specs.append((f"edge_features[{ty}]", _edge_features_kernel, sig, const,
-                      {"num_warps": edge.num_warps}))
+                      {"num_warps": edge.num_warps,
+                       "jit_ints": {n: jit[n] for n in sig if sig[n] == "i32"}}))
     return specs
+
+
+def _jit_ints(geo: GraphGeometry, E: int, k: int) -> dict:
+    """The integer arguments of the k-NN and edge kernels for one geometry (B = 1)."""
+    return {"Hq": geo.query_h.padded, "Wq": geo.query_w.padded, "Hk": geo.son_h.padded,
+            "Wk": geo.son_w.padded, "m1": geo.m1, "m2": geo.m2, "n1": geo.n1, "n2": geo.n2,
+            "wh": geo.window_h, "ww": geo.window_w, "k": k, "scale": geo.scale,
+            "N": geo.num_keys, "MK": geo.num_queries * k, "E": E}
 
 
 # (name, kernel, signature, constexprs, launch options) of every default config, all dtypes

@@ -230,13 +230,16 @@ def aot_specs(configs=None):
     for c in configs or DEFAULT_CONFIGS:
         ty, p, t, cfg = _TL_TYPES[c["dtype"]], c["patch"], c["stride"], c["config"]
         ints = ("H", "W", "pad_top", "pad_left", "gh", "gw")
+        # the JIT's view at a typical shape: an LR 192 x 192 map (divisible by s = 2 and 3)
+        grid = (query_grid_args(192, 192) if p == 3 else
+                key_grid_args(192, 192, p // 3))[2:]
+        opts = {"num_warps": cfg.num_warps, "jit_ints": dict(zip(ints, (192, 192, *grid)))}
         sig = {"x_ptr": f"*{ty}", "mean_ptr": "*fp32", "std_ptr": "*fp32"}
         sig.update({n: "i32" for n in ints})
         const = {"PATCH": p, "STRIDE": t, "PP": triton.next_power_of_2(p * p),
                  "BLOCK_G": cfg.block_g}
         sig.update({n: "constexpr" for n in const})
-        specs.append((f"patch_stats_p{p}[{ty}]", _patch_stats_kernel, sig, const,
-                      {"num_warps": cfg.num_warps}))
+        specs.append((f"patch_stats_p{p}[{ty}]", _patch_stats_kernel, sig, const, opts))
         sig = {"x_ptr": f"*{ty}", "mean_ptr": "*fp32", "std_ptr": "*fp32", "gm_ptr": "*fp32",
                "gs_ptr": "*fp32", "out_ptr": "*fp32"}
         sig.update({n: "i32" for n in ints})
@@ -244,5 +247,5 @@ def aot_specs(configs=None):
                  "ACCUMULATE": True}
         sig.update({n: "constexpr" for n in const})
         specs.append((f"patch_stats_bwd_p{p}[{ty}]", _patch_stats_bwd_kernel, sig, const,
-                      {"num_warps": cfg.num_warps}))
+                      opts))
     return specs
