@@ -10,7 +10,8 @@ options {"num_warps": .., "num_stages": .., "jit_ints": {int arg: value}}). Poin
 arguments are compiled as 16-byte aligned, as a JIT launch specialises them for torch
 allocations. With "jit_ints" (the integer arguments at a representative shape) the spec is
 compiled twice: for any shape, and as "<name>@jit", the way the JIT specialises it at that
-shape (ints that are multiples of 16 known divisible): both must be spill-free.
+shape (ints that are multiples of 16 known divisible, ints equal to 1 constants): both must
+be spill-free.
 
 Under TRITON_INTERPRET=1, @triton.jit yields interpreter functions that cannot be compiled,
 so compile_specs then runs the compilation in a child process without that variable (one
@@ -143,15 +144,17 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
                      num_warps=num_warps, num_stages=num_stages)
 
 
-def variants(name: str, options: dict) -> list[tuple[str, tuple]]:
-    """(name, divisible ints) of each compilation of a spec: as is (no integer argument known
-    divisible: any shape), and, when options["jit_ints"] gives the integer arguments' values
-    at a representative shape, also "<name>@jit", compiled as the JIT specialises it there
-    (the ints that are multiples of 16 marked divisible: different code, registers, spills)."""
-    out = [(name, ())]
+def variants(name: str, options: dict) -> list[tuple[str, tuple, tuple]]:
+    """(name, divisible ints, ints equal to 1) of each compilation of a spec: as is (no integer
+    argument known divisible: any shape), and, when options["jit_ints"] gives the integer
+    arguments' values at a representative shape, also "<name>@jit", compiled as the JIT
+    specialises it there (the ints that are multiples of 16 marked divisible, and those equal
+    to 1 made constants: different code, registers, spills)."""
+    out = [(name, (), ())]
     values = options.get("jit_ints")
     if values:
-        out.append((name + "@jit", tuple(a for a, v in values.items() if v % 16 == 0)))
+        out.append((name + "@jit", tuple(a for a, v in values.items() if v % 16 == 0),
+                    tuple(a for a, v in values.items() if v == 1)))
     return out
 
 
@@ -161,9 +164,11 @@ def _compile_in_process(module: str, archs) -> list[AotReport]:
     mod = importlib.import_module(module)
     reports = []
     for name, fn, signature, constexprs, options in mod.aot_specs():
-        for variant, divisible in variants(name, options):
+        for variant, divisible, ones in variants(name, options):
+            sig = {a: "constexpr" if a in ones else ty for a, ty in signature.items()}
+            consts = {**constexprs, **{a: 1 for a in ones}}
             for arch in archs:
-                reports.append(compile_kernel(fn, signature, constexprs, arch, name=variant,
+                reports.append(compile_kernel(fn, sig, consts, arch, name=variant,
                                               num_warps=options.get("num_warps", 4),
                                               num_stages=options.get("num_stages", 3),
                                               divisible=divisible))

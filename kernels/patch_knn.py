@@ -39,6 +39,14 @@ Design
   loop inserts each row's tile minimum in place of the set's maximum until no row has a
   candidate below its threshold (at most k rounds). At the end k rounds of tl.min emit the set in ascending
   order and the keys are decoded. idx is always an in-window index, NaN or not.
+* Split scans. With few query blocks (LR 128x128: 64 blocks for an H100's 132 SMs) one
+  program per block leaves SMs idle, and each program is one long dependent chain of tiles.
+  The launcher then gives each block `splits` programs (auto_splits: enough to fill the
+  resident slots of one wave), each scanning a contiguous share of its tiles in the same
+  ascending order (so the strict pre-test stays exact) and writing its unsorted set of k keys;
+  a small merge kernel takes each query's k smallest of its splits * k keys. Exact, since
+  every candidate is scanned by one share that keeps it if it is among its k best; extra
+  memory splits * k int64 per query.
 * Edge features: a second, memory-bound kernel. The ops API hands idx in separately, and
   the work is ~1/(wh*ww) of the matching, so fusing it would only add registers to the hot
   loop. One program = BLOCK_Q (query, rank) pairs x BLOCK_E channels; it gathers both
@@ -46,6 +54,7 @@ Design
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,12 +65,21 @@ import triton.language as tl
 from ..geometry import GraphGeometry, graph_geometry
 
 __all__ = ["KnnConfig", "EdgeConfig", "patch_knn", "edge_features", "default_knn_config",
-           "default_edge_config", "DEFAULT_CONFIGS", "AOT_SPECS", "aot_specs"]
+           "default_edge_config", "auto_splits", "launch_splits", "CTAS_PER_SM", "DEFAULT_CONFIGS", "AOT_SPECS",
+           "aot_specs"]
 
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of a candidate outside the window
 _INT64_MIN = tl.constexpr(-0x8000000000000000)  # key of an unused top-k slot (>= k)
 _PACK_BLOCK_W = 32  # pixels per program of the channels-last packing kernel
 _SQNORM_BLOCK_P = 32  # patches per program of the squared-norm kernel
+_MERGE_BLOCK_Q = 16  # queries per program of the split merge kernel
+_MIN_SPLIT_TILES = 4  # fewest candidate tiles per program when a block's scan is split
+_MAX_SPLITS = 16
+# k-NN programs of the default configs resident per SM, keyed (fp32?, compute capability
+# major): registers x 128 threads and shared memory as compiled ahead of time, the fewer of
+# the whole-scan and split kernels (triton 3.9; tests/test_aot.py recomputes them; sm_80
+# 16-bit: 168 and 180 registers, 3 and 2 programs). Other archs: 2.
+CTAS_PER_SM = {(False, 8): 2, (True, 8): 2, (False, 9): 4, (True, 9): 3}
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -80,6 +98,7 @@ class KnnConfig:
     num_warps: int = 4
     num_stages: int = 2
     fp32_precision: str = "ieee"  # tl.dot input_precision for fp32 inputs: ieee | tf32x3
+    splits: int | None = None  # programs per query block (window scan split); None: launcher's
 
     @property
     def block_m(self) -> int:
@@ -209,17 +228,22 @@ def _key_distance(key):
 
 
 @triton.jit
-def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
-                      Hq, Wq, Hk, Wk, m1, m2, n1, n2, wh, ww, k, scale,
+def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr, keys_ptr,
+                      Hq, Wq, Hk, Wk, m1, m2, n1, n2, wh, ww, k, scale, splits,
                       STRIDE: tl.constexpr, PATCH: tl.constexpr, EP: tl.constexpr,
                       BLOCK_QR: tl.constexpr, BLOCK_QC: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_E: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_E: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr,
+                      PARTIAL: tl.constexpr):
     """Windowed top-k of squared patch distances. yq (B, Hq, Wq, EP), xk (B, Hk, Wk, EP):
     zero-padded channels-last embeddings; qn (B, M), kn (B, N): fp32 squared patch norms.
-    Writes dist (B, M, k) fp32 ascending and idx (B, M, k) int64."""
+    Program (pid_c * splits + part, pid_r, b) scans the part-th of `splits` shares of its
+    query block's candidate tiles. PARTIAL = False (splits = 1): writes dist (B, M, k) fp32
+    ascending and idx (B, M, k) int64; PARTIAL = True: writes its share's k best keys,
+    unsorted, to keys (B, M, splits * k) int64, for _knn_merge_kernel."""
     BLOCK_M: tl.constexpr = BLOCK_QR * BLOCK_QC
     KSTEPS: tl.constexpr = PATCH * PATCH * (EP // BLOCK_E)
-    pid_c = tl.program_id(0)
+    pid_c = tl.program_id(0) // splits
+    part = tl.program_id(0) % splits
     pid_r = tl.program_id(1)
     b = tl.program_id(2)
     M = m1 * m2
@@ -256,15 +280,20 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
     thr = tl.max(best, 1)  # (BM,) the current k-th best key
     thr_d = _key_distance(thr)  # (BM,) its distance: NaN until the set is full
 
+    # this program's share of the union's tiles: [t_begin, t_end), in ascending order
+    share = tl.cdiv(tl.cdiv(count, BLOCK_N), splits) * BLOCK_N
+    t_begin = part * share
+    t_end = tl.minimum(count, t_begin + share)
+
     # candidate t of the union (flattened) is union row t // ucols, column t % ucols. The tile's
     # rows and columns are carried as rc = row << 16 | column (one register per candidate) and
     # advanced by BLOCK_N per tile with an add and a carry: no integer division in the loop
-    rn = tl.arange(0, BLOCK_N)
+    rn = t_begin + tl.arange(0, BLOCK_N)
     rc = ((rn // ucols) << 16) | (rn % ucols)  # (BN,)
     step = ((BLOCK_N // ucols) << 16) | (BLOCK_N % ucols)
     carry = (1 << 16) - ucols  # column -= ucols, row += 1
     kn_b = kn_ptr + b.to(tl.int64) * N
-    for t0 in range(0, count, BLOCK_N):
+    for t0 in range(t_begin, t_end, BLOCK_N):
         a = a0 + (rc >> 16)  # (BN,) son row: past the union for t >= count, outside every window
         bb = b0 + (rc & 0xFFFF)
         a_in = tl.minimum(a, n1 - 1)  # = a for t < count; loads stay in the map
@@ -305,14 +334,38 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr,
         rc += step
         rc = tl.where((rc & 0xFFFF) >= ucols, rc + carry, rc)
 
-    # ---- emit the set in ascending order
-    best = tl.where(col < k, best, _INT64_MAX)
-    out = (b.to(tl.int64) * M + m) * k
+    row = b.to(tl.int64) * M + m  # (BM,)
+    if PARTIAL:  # this share's set as it is (unsorted); slots >= k are not written
+        keys = keys_ptr + (row * splits + part) * k
+        tl.store(keys[:, None] + col, best, mask=q_valid[:, None] & (col < k))
+    else:
+        _emit_sorted(tl.where(col < k, best, _INT64_MAX), row * k, k, q_valid, dist_ptr, idx_ptr)
+
+
+@triton.jit
+def _emit_sorted(keys, out, k, valid, dist_ptr, idx_ptr):
+    """The k smallest of each row of keys (R, C) int64 (distinct, but for INT64_MAX fillers),
+    ascending, decoded to dist_ptr[out + r] (fp32) and idx_ptr[out + r] (int64), r < k."""
     for r in range(0, k):
-        low = tl.min(best, 1)
-        best = tl.where(best == low[:, None], _INT64_MAX, best)
-        tl.store(dist_ptr + out + r, _key_distance(low), mask=q_valid)
-        tl.store(idx_ptr + out + r, low & 0x7FFFFFFF, mask=q_valid)  # n < 2^31
+        low = tl.min(keys, 1)
+        keys = tl.where(keys == low[:, None], _INT64_MAX, keys)
+        tl.store(dist_ptr + out + r, _key_distance(low), mask=valid)
+        tl.store(idx_ptr + out + r, low & 0x7FFFFFFF, mask=valid)  # n < 2^31
+
+
+@triton.jit
+def _knn_merge_kernel(keys_ptr, dist_ptr, idx_ptr, rows, k, width,
+                      BLOCK_Q: tl.constexpr, WPAD: tl.constexpr):
+    """dist, idx (rows, k) from keys (rows, width = splits * k): per row the k smallest of its
+    splits' sets. Exact: every candidate was scanned by one split, which kept it if it is among
+    its k best, so the row's k best are among the kept ones."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    c = tl.arange(0, WPAD)[None, :]
+    valid = q < rows
+    row = q.to(tl.int64)
+    keys = tl.load(keys_ptr + row[:, None] * width + c, mask=valid[:, None] & (c < width),
+                   other=_INT64_MAX)
+    _emit_sorted(keys, row * k, k, valid, dist_ptr, idx_ptr)
 
 
 @triton.jit
@@ -401,15 +454,80 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
     M = geo.num_queries
     dist = torch.empty(B, M, k, device=ye.device, dtype=torch.float32)
     idx = torch.empty(B, M, k, device=ye.device, dtype=torch.int64)
-    grid = (triton.cdiv(geo.m2, cfg.block_qc), triton.cdiv(geo.m1, cfg.block_qr), B)
-    _patch_knn_kernel[grid](
-        yq, xk, qn, kn, dist, idx,
+    blocks = (triton.cdiv(geo.m2, cfg.block_qc), triton.cdiv(geo.m1, cfg.block_qr), B)
+    splits = launch_splits(geo, cfg, B, ye.device, ye.dtype)
+    keys = idx if splits == 1 else torch.empty(B, M, splits * k, device=ye.device,
+                                               dtype=torch.int64)
+    _patch_knn_kernel[(blocks[0] * splits, blocks[1], B)](
+        yq, xk, qn, kn, dist, idx, keys,
         yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
-        geo.m1, geo.m2, geo.n1, geo.n2, geo.window_h, geo.window_w, k, geo.scale,
+        geo.m1, geo.m2, geo.n1, geo.n2, geo.window_h, geo.window_w, k, geo.scale, splits,
         STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_QR=cfg.block_qr,
         BLOCK_QC=cfg.block_qc, BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, KPAD=_kpad(k),
-        PRECISION=_precision(cfg, ye.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=_precision(cfg, ye.dtype), PARTIAL=splits > 1, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    if splits > 1:
+        _knn_merge_kernel[(triton.cdiv(B * M, _MERGE_BLOCK_Q),)](
+            keys, dist, idx, B * M, k, splits * k, BLOCK_Q=_MERGE_BLOCK_Q,
+            WPAD=triton.next_power_of_2(splits * k), num_warps=4)
     return dist, idx
+
+
+def launch_splits(geo: GraphGeometry, cfg: KnnConfig, B: int, device: torch.device,
+                  dtype: torch.dtype) -> int:
+    """Programs per query block that patch_knn launches: cfg.splits, else auto_splits."""
+    if cfg.splits is not None:
+        assert cfg.splits >= 1, cfg
+        return cfg.splits
+    programs = triton.cdiv(geo.m2, cfg.block_qc) * triton.cdiv(geo.m1, cfg.block_qr) * B
+    return auto_splits(programs, _tiles(geo, cfg), *_slots(device, dtype))
+
+
+def _union_extent(first: int, queries: int, block: int, scale: int, win: int, count: int) -> int:
+    """The most son rows (or columns) that the union of a query block's windows spans."""
+    def start(x):
+        return min(max(x // scale - win // 2, 0), count - win)
+    return max(start(min(q0 + block, queries) - 1) + win - start(q0)
+               for q0 in range(first, queries, block))
+
+
+def _tiles(geo: GraphGeometry, cfg: KnnConfig) -> int:
+    """Candidate tiles of the largest union of windows (the kernel's trip count)."""
+    rows = _union_extent(0, geo.m1, cfg.block_qr, geo.scale, geo.window_h, geo.n1)
+    cols = _union_extent(0, geo.m2, cfg.block_qc, geo.scale, geo.window_w, geo.n2)
+    return triton.cdiv(rows * cols, cfg.block_n)
+
+
+def _slots(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(streaming multiprocessors, default-config k-NN programs resident per SM) of a device;
+    (0, 0) off CUDA (the interpreter: no split unless a config asks for one)."""
+    if device.type != "cuda":
+        return 0, 0
+    props = torch.cuda.get_device_properties(device)
+    per_sm = CTAS_PER_SM.get((dtype == torch.float32, props.major), 2)
+    return props.multi_processor_count, per_sm
+
+
+def auto_splits(programs: int, tiles: int, sms: int, per_sm: int) -> int:
+    """How many programs share each query block's candidate tiles. One program per block
+    leaves a GPU mostly idle when the blocks are few (LR 128x128: 64 blocks of 8 x 8 queries
+    for 132 SMs, 4 resident programs each on an H100), and each program's scan is one long
+    dependent chain. So: the smallest split that fills at least 90% of the last wave of
+    resident programs (else the fullest), keeping >= _MIN_SPLIT_TILES tiles per program (each
+    share starts from an empty set, and the merge reads splits * k keys per query)."""
+    slots = sms * per_sm
+    most = max(1, min(_MAX_SPLITS, tiles // _MIN_SPLIT_TILES))
+    if slots <= 0 or programs >= slots:
+        return 1
+    best, best_fill = 1, 0.0
+    for p in range(1, most + 1):
+        waves = programs * p / slots
+        fill = waves / math.ceil(waves)
+        if fill >= 0.9:
+            return p
+        if fill > best_fill:
+            best, best_fill = p, fill
+    return best
 
 
 def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: int = 3,
@@ -477,16 +595,19 @@ def aot_specs(configs=None):
                        "BLOCK_E": knn.block_e},
                       {"num_warps": 4}))
         sig = {"yq_ptr": f"*{ty}", "xk_ptr": f"*{ty}", "qn_ptr": "*fp32", "kn_ptr": "*fp32",
-               "dist_ptr": "*fp32", "idx_ptr": "*i64"}
+               "dist_ptr": "*fp32", "idx_ptr": "*i64", "keys_ptr": "*i64"}
         sig.update({name: "i32" for name in ("Hq", "Wq", "Hk", "Wk", "m1", "m2", "n1", "n2",
-                                             "wh", "ww", "k", "scale")})
+                                             "wh", "ww", "k", "scale", "splits")})
         const = {"STRIDE": 2, "PATCH": 3, "EP": ep, "BLOCK_QR": knn.block_qr,
                  "BLOCK_QC": knn.block_qc, "BLOCK_N": knn.block_n, "BLOCK_E": knn.block_e,
                  "KPAD": _kpad(c["k"]), "PRECISION": _precision(knn, c["dtype"])}
-        sig.update({name: "constexpr" for name in const})
-        specs.append((f"patch_knn[{ty}]", _patch_knn_kernel, sig, const,
-                      {"num_warps": knn.num_warps, "num_stages": knn.num_stages,
-                       "jit_ints": {n: jit[n] for n in sig if sig[n] == "i32"}}))
+        sig.update({name: "constexpr" for name in [*const, "PARTIAL"]})
+        for partial in (False, True):
+            name = "patch_knn_split" if partial else "patch_knn"
+            specs.append((f"{name}[{ty}]", _patch_knn_kernel, sig, {**const, "PARTIAL": partial},
+                          {"num_warps": knn.num_warps, "num_stages": knn.num_stages,
+                           "jit_ints": {n: jit[n] + partial if n == "splits" else jit[n]
+                                        for n in sig if sig[n] == "i32"}}))
         sig = {"yq_ptr": f"*{ty}", "xk_ptr": f"*{ty}", "idx_ptr": "*i64", "out_ptr": f"*{ty}"}
         sig.update({name: "i32" for name in ("Hq", "Wq", "Hk", "Wk", "m2", "n2", "N", "MK", "k",
                                              "E")})
@@ -496,6 +617,12 @@ def aot_specs(configs=None):
         specs.append((f"edge_features[{ty}]", _edge_features_kernel, sig, const,
                       {"num_warps": edge.num_warps,
                        "jit_ints": {n: jit[n] for n in sig if sig[n] == "i32"}}))
+    k = (configs or DEFAULT_CONFIGS)[0]["k"]
+    specs.append(("knn_merge", _knn_merge_kernel,
+                  {"keys_ptr": "*i64", "dist_ptr": "*fp32", "idx_ptr": "*i64", "rows": "i32",
+                   "k": "i32", "width": "i32", "BLOCK_Q": "constexpr", "WPAD": "constexpr"},
+                  {"BLOCK_Q": _MERGE_BLOCK_Q, "WPAD": triton.next_power_of_2(_MAX_SPLITS * k)},
+                  {"num_warps": 4}))
     return specs
 
 
@@ -504,7 +631,7 @@ def _jit_ints(geo: GraphGeometry, E: int, k: int) -> dict:
     return {"Hq": geo.query_h.padded, "Wq": geo.query_w.padded, "Hk": geo.son_h.padded,
             "Wk": geo.son_w.padded, "m1": geo.m1, "m2": geo.m2, "n1": geo.n1, "n2": geo.n2,
             "wh": geo.window_h, "ww": geo.window_w, "k": k, "scale": geo.scale,
-            "N": geo.num_keys, "MK": geo.num_queries * k, "E": E}
+            "N": geo.num_keys, "MK": geo.num_queries * k, "E": E, "splits": 1}
 
 
 # (name, kernel, signature, constexprs, launch options) of every default config, all dtypes

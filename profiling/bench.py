@@ -12,7 +12,9 @@ copy, bf16 and fp32 matmuls). Writes profiling/results/<date>-<device>.{json,md}
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import importlib
 import json
 import platform
 import statistics
@@ -25,7 +27,7 @@ import torch
 
 import ignn_triton
 import ignn_triton.reference as R
-from ignn_triton import ops
+from ignn_triton import kernels, ops
 from ignn_triton.geometry import graph_geometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,7 +81,7 @@ class Bench:
 
     def measure(self, row: Row, variants: dict) -> None:
         for name, fn in variants.items():
-            if fn is None:  # torch.compile switched off (--smoke)
+            if fn is None:  # torch.compile switched off (--smoke), or a CUDA-only variant
                 continue
             try:
                 fn()  # first call: compile / autotune outside the timing
@@ -129,11 +131,19 @@ def bench_matching(b: Bench, E: int, H: int, W: int, s: int, k: int, window: int
         shape = f"E={E} LR {H}x{W} s={s} k={k} w={window}"
         flops = 2 * geo.num_queries * geo.num_candidates * geo.patch ** 2 * E
         out_bytes = geo.num_queries * k * (4 + 8)
+        whole = None  # on CUDA: the kernel with one program per query block, no split scan
+        if b.cuda:
+            pk = importlib.import_module("ignn_triton.kernels.patch_knn")
+            cfg = pk.default_knn_config(E, k, dtype)
+            shape += f" splits={pk.launch_splits(geo, cfg, 1, b.device, dtype)}"
+            cfg = dataclasses.replace(cfg, splits=1)
+            whole = lambda: kernels.patch_knn(ye, xe, k, s, window, config=cfg)  # noqa: E731
         row = Row("patch_knn", shape, dname, flops=flops,
                   bytes=(ye.numel() + xe.numel()) * elt + out_bytes)
         ref_compiled = compiled(R.patch_knn)
         b.measure(row, {
             "ours": lambda: ops.patch_knn(ye, xe, k, s, window),
+            "ours_splits1": whole,
             "reference": lambda: R.patch_knn(ye, xe, k, s, window),
             "compiled_ref": ref_compiled and (lambda: ref_compiled(ye, xe, k, s, window)),
         })
@@ -339,7 +349,7 @@ def main(argv=None) -> int:
         shapes = dict(matching=[(8, 16, 16, 2, 3, 4)], ga=[(8, 16, 16, 4)],
                       model=(8, 2, [(12, 12)]), train=(8, 2, 2, 12))
     elif b.cuda:
-        shapes = dict(matching=[(64, 256, 256, 2, 5, 30)],
+        shapes = dict(matching=[(64, 256, 256, 2, 5, 30), (64, 128, 128, 2, 5, 30)],
                       ga=[(256, 128, 128, 4), (256, 256, 256, 4), (256, 40, 40, 4, 16)],
                       model=(256, 32, [(128, 128), (256, 256), (270, 480)]),
                       train=(256, 32, 16, 40))

@@ -31,7 +31,7 @@ def test_default_configs_compile_without_spills(module, reports):
     print(f"\n{module}\n{table}")
     compilations = [v for name, *_, options in specs for v in aot.variants(name, options)]
     assert len(got) == len(compilations) * len(ARCHS), table
-    assert any(name.endswith("@jit") for name, _ in compilations)  # as the JIT specialises
+    assert any(name.endswith("@jit") for name, *_ in compilations)  # as the JIT specialises
     assert {r.arch for r in got} == set(ARCHS)
     for r in got:
         assert 0 < r.registers <= 255, table
@@ -44,6 +44,27 @@ def test_default_configs_compile_without_spills(module, reports):
     for r in got:
         if r.name.startswith("patch_knn[") and ("fp16" in r.name or "bf16" in r.name):
             assert r.mma or r.wgmma, f"{r.name} sm_{r.arch} uses no tensor-core instruction"
+
+
+def _resident_per_sm(r) -> int:
+    """Programs of a compiled kernel resident on one SM: registers (allocated per warp in units
+    of 256), shared memory (+1 KiB reserved per block; 164 KiB per SM on sm_80, 228 KiB on
+    sm_90) and the 64-warp limit."""
+    regs = r.num_warps * ((r.registers * 32 + 255) // 256 * 256)
+    smem = {80: 164, 90: 228}[r.arch] * 1024
+    return min(65536 // regs, smem // (r.shared + 1024), 64 // r.num_warps)
+
+
+def test_knn_split_heuristic_matches_occupancy(reports):
+    """auto_splits sizes a wave with patch_knn.CTAS_PER_SM: it must be what the default k-NN
+    configs compile to (both the whole-scan and the split kernel, as the JIT builds them)."""
+    pk = importlib.import_module("ignn_triton.kernels.patch_knn")
+    got = {}
+    for r in reports["ignn_triton.kernels.patch_knn"]:
+        if r.name.startswith("patch_knn") and r.name.endswith("@jit"):
+            key = ("[fp32]" in r.name, r.arch // 10)
+            got[key] = min(got.get(key, 99), _resident_per_sm(r))
+    assert got == pk.CTAS_PER_SM, aot.format_table(reports["ignn_triton.kernels.patch_knn"])
 
 
 _PROBE = """

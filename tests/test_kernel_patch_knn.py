@@ -24,6 +24,7 @@ and fp16/fp32 dots are right), so bf16 matching numerics are tested on a GPU onl
 interpreter the bf16 k-NN is checked for structure, bf16 edge features (no dot) fully, and
 tests/test_aot.py compiles the bf16 kernels for sm_80 / sm_90.
 """
+import dataclasses
 import importlib
 import os
 
@@ -50,8 +51,13 @@ INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
 # Small tiles keep the interpreter fast and exercise several query blocks, candidate tiles
 # and channel chunks per position even on tiny maps.
 SMALL = pk.KnnConfig(block_qr=2, block_qc=8, block_n=16, block_e=16, num_warps=4, num_stages=1)
+SPLIT = dataclasses.replace(SMALL, splits=3)  # each query block's tiles scanned by 3 programs
 EDGE_SMALL = pk.EdgeConfig(block_q=16, block_e=16, num_warps=4)
-KNN_CONFIGS = [SMALL, None] if GPU else [SMALL]  # None = the launcher's defaults
+KNN_CONFIGS = [SMALL, SPLIT] + ([None] if GPU else [])  # None = the launcher's defaults
+
+
+def _config_id(c):
+    return "default" if c is None else "split" if c.splits else "small"
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 1e-4), torch.bfloat16: (1e-3, 1e-4)}
 DIFF_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3),
@@ -203,7 +209,7 @@ def test_exports():
                                                          torch.bfloat16}
 
 
-@pytest.mark.parametrize("config", KNN_CONFIGS, ids=lambda c: "default" if c is None else "small")
+@pytest.mark.parametrize("config", KNN_CONFIGS, ids=_config_id)
 @SETTINGS
 @given(case=knn_cases())
 def test_patch_knn_matches_reference(case, config):
@@ -262,6 +268,47 @@ def test_union_wider_than_tile(window):
     dist, idx = pk.patch_knn(ye.to(DEVICE), xe.to(DEVICE), k, s, window, config=SMALL)
     check_knn(ye, xe, k, s, window, dist, idx)
     assert bool(torch.isnan(dist).all(-1).any()) and not bool(torch.isnan(dist).all())
+
+
+@pytest.mark.parametrize("window, kind, splits", [(13, "int", 2), (29, "int", 16),
+                                                  (6, "normal", 5)])
+def test_split_scan_equals_whole_scan(window, kind, splits):
+    """Programs that each scan a share of a query block's tiles, merged, give exactly the one
+    program scan's dist and idx: the same per-candidate arithmetic, and keys that order ties
+    across shares by n. Integer data (many exact ties, thresholds tied across shares), NaN
+    queries and candidates, and more shares than a block has tiles (empty shares: 16)."""
+    B, E, H, W, s, k = 1, 3, 12, 64, 2, 5
+    ye, xe = _make(B, E, H, W, s, torch.float32, kind, seed=window)
+    if kind == "normal":
+        ye[0, 1, 5, 40] = float("nan")
+        xe[0, 2, 3, 10] = float("nan")
+    args = (ye.to(DEVICE), xe.to(DEVICE), k, s, window)
+    whole = pk.patch_knn(*args, config=SMALL)
+    split = pk.patch_knn(*args, config=dataclasses.replace(SMALL, splits=splits))
+    torch.testing.assert_close(split[0], whole[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(split[1], whole[1])
+    check_knn(ye, xe, k, s, window, *split, exact=kind == "int")
+
+
+def test_auto_splits():
+    """The launcher's split count at the bench's shapes on an H100 (132 SMs; resident
+    programs per SM from patch_knn.CTAS_PER_SM: 4 for fp16 / bf16, 3 for fp32)."""
+    cfg = pk.default_knn_config(64, 5, torch.bfloat16)
+
+    def splits(lr_h, lr_w, B, dtype):
+        geo = graph_geometry(lr_h, lr_w, 2, 3, 2, 30)
+        programs = -(-geo.m1 // cfg.block_qr) * -(-geo.m2 // cfg.block_qc) * B
+        per_sm = pk.CTAS_PER_SM[(dtype == torch.float32, 9)]
+        return pk.auto_splits(programs, pk._tiles(geo, cfg), 132, per_sm)
+
+    assert pk._tiles(graph_geometry(256, 256, 2, 3, 2, 30), cfg) == 35  # 33 x 33 union
+    assert splits(128, 128, 1, torch.bfloat16) == 7  # 64 blocks, 31 tiles: 448 programs (85%)
+    assert splits(256, 256, 1, torch.bfloat16) == 2  # 256 blocks
+    assert splits(256, 256, 1, torch.float32) == 3  # 256 blocks, 396 slots
+    assert splits(270, 480, 1, torch.bfloat16) == 1  # 510 blocks: a wave already
+    assert splits(40, 40, 16, torch.bfloat16) == 1  # whole son grid: 4 tiles
+    assert pk.auto_splits(10, 100, 0, 0) == 1  # no GPU
+    assert pk.auto_splits(1, 1000, 132, 4) == 16  # capped
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -434,7 +481,7 @@ def test_bf16_structure_everywhere():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="GPU only: tl.dot on bf16 operands returns garbage under the triton "
                            "interpreter (TRITON_INTERPRET=1), so bf16 k-NN numerics need a GPU")
-@pytest.mark.parametrize("config", KNN_CONFIGS, ids=lambda c: "default" if c is None else "small")
+@pytest.mark.parametrize("config", KNN_CONFIGS, ids=_config_id)
 @SETTINGS
 @given(case=knn_cases(dtypes=(torch.bfloat16,)))
 def test_bf16_numerics_gpu(case, config):
