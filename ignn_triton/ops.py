@@ -19,6 +19,7 @@ EPS = 1e-5  # added to the unbiased variance in AdaPN
 
 # Bound on the elements of one temporary of the torch path (about 256 MB in fp64).
 _CHUNK_ELEMENTS = 1 << 25
+_GATHER_ELEMENTS = 1 << 20  # a gathered chunk of the CPU aggregation: 4 MiB in fp32, cache-sized
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -349,18 +350,32 @@ def _fold_hr_blocks(z: torch.Tensor, count: torch.Tensor, geo: GraphGeometry) ->
     return (total / count)[..., top: top + s * geo.query_h.size, left: left + s * geo.query_w.size]
 
 
-def _aggregate_chunk(feat_c, n, q_mean_c, q_std_c, k_mean_c, k_std_c, count,
-                     geo: GraphGeometry):
-    """One rank, a chunk of channels: knn_hr (B, Cc, sH, sW) in the work dtype.
-    feat_c (B, Cc, H, W); n (B, M) son indices; statistics (B, Cc, M) / (B, Cc, N)."""
-    B, Cc = feat_c.shape[:2]
-    blocks = _key_blocks(feat_c.to(q_mean_c.dtype), geo)  # (B, Cc, P, N)
-    P = blocks.shape[2]
-    nc = n[:, None].expand(B, Cc, -1)  # (B, Cc, M)
-    alpha = q_std_c / torch.gather(k_std_c, 2, nc)  # (B, Cc, M)
-    beta = q_mean_c - torch.gather(k_mean_c, 2, nc) * alpha
-    gathered = torch.gather(blocks, 3, n[:, None, None].expand(B, Cc, P, -1))  # (B, Cc, P, M)
-    return _fold_hr_blocks(gathered * alpha[:, :, None] + beta[:, :, None], count, geo)
+def _key_block_rows(feat_c: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
+    """(N, Cc, (p*s)^2): one item's key blocks of F (Cc, H, W), a son patch per row (one copy
+    out of a strided view of the padded map), so that gathering neighbours is index_select."""
+    patch, stride, pad_top, pad_left, grid_h, grid_w = _key_grid(geo)
+    Cc, H, W = feat_c.shape
+    padded = F.pad(feat_c, (pad_left, (grid_w - 1) * stride + patch - pad_left - W,
+                            pad_top, (grid_h - 1) * stride + patch - pad_top - H))
+    Hp, Wp = padded.shape[1:]
+    view = padded.as_strided((grid_h, grid_w, Cc, patch, patch),
+                             (stride * Wp, stride, Hp * Wp, Wp, 1), padded.storage_offset())
+    return view.reshape(grid_h * grid_w, Cc, patch * patch)
+
+
+def _fold_rows_(hr: torch.Tensor, z: torch.Tensor, i0: int, geo: GraphGeometry) -> None:
+    """hr (Cc, m1 + Q, ts, m2 + Q, ts) += the fold of z (rows, m2, Cc, ps, ps), the HR blocks
+    of query rows i0 .. i0 + rows: the block of query (i, j) lies at padded HR rows
+    ts*i .. ts*i + ps, i.e. offset u in [0, ps) lands in phase row i + u // ts, row u % ts.
+    ceil(ps / ts)^2 strided adds (4 for IGNN) instead of col2im's per-element loop."""
+    ps, ts = geo.hr_patch, geo.hr_stride
+    rows, m2 = z.shape[:2]
+    for qu in range(-(-ps // ts)):
+        u = slice(qu * ts, min(ps, qu * ts + ts))
+        for qv in range(-(-ps // ts)):
+            v = slice(qv * ts, min(ps, qv * ts + ts))
+            hr[:, i0 + qu: i0 + qu + rows, : u.stop - u.start, qv: qv + m2, : v.stop - v.start] \
+                += z[:, :, :, u, v].permute(2, 0, 3, 1, 4)
 
 
 def _channel_step(B: int, geo: GraphGeometry) -> int:
@@ -369,22 +384,56 @@ def _channel_step(B: int, geo: GraphGeometry) -> int:
 
 
 def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
-    """Rank by rank over channel chunks: never the (B, M, 9*C*s^2, k) gathered tensor."""
-    B, C = feat.shape[:2]
+    """Per (item, channel chunk, rank): gather the neighbours' key blocks a few query rows at
+    a time (index_select of whole rows), normalise them in place and fold them into one
+    reused padded HR buffer; never the (B, M, 9*C*s^2, k) gathered tensor. Large temporaries
+    are allocated once per call and reused: on CPU a fresh one costs its page faults, about
+    as much as the arithmetic."""
+    B, C, H, W = feat.shape
     k = idx.shape[2]
-    step = _channel_step(B, geo)
-    count = _hr_count(geo, stats[0])  # padded HR map of cover counts, shared by all chunks
-    weights = None if logits is None else torch.softmax(logits.to(stats[0].dtype), dim=1)
-    out = []
-    for c0 in range(0, C, step):
-        c = slice(c0, c0 + step)
-        ranks = [_aggregate_chunk(feat[:, c], idx[:, :, r], *(t[:, c] for t in stats), count,
-                                  geo) for r in range(k)]
-        if weights is None:
-            out.append(torch.stack(ranks, 1))  # (B, k, Cc, sH, sW)
-        else:
-            out.append(sum(weights[:, r, None] * ranks[r] for r in range(k)))  # (B, Cc, sH, sW)
-    return torch.cat(out, 2 if weights is None else 1).to(feat.dtype)
+    s, ps, ts, m1, m2 = geo.scale, geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
+    work = stats[0].dtype
+    q = -(-ps // ts) - 1  # extra phase rows past the last query row
+    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
+    crop = (slice(None), slice(top, top + s * H), slice(left, left + s * W))
+    count = _hr_count(geo, stats[0])[crop[1:]]
+    cc = max(1, min(C, _CHUNK_ELEMENTS // max(1, geo.num_keys * ps * ps)))  # channels per chunk
+    rows = max(1, min(m1, _GATHER_ELEMENTS // max(1, m2 * cc * ps * ps)))  # query rows per gather
+    hr = torch.empty(cc, m1 + q, ts, m2 + q, ts, dtype=work, device=feat.device)
+    gathered = torch.empty(rows * m2 * cc * ps * ps, dtype=work, device=feat.device)
+    if logits is None:
+        out = torch.empty(B, k, C, s * H, s * W, dtype=work, device=feat.device)
+    else:
+        out = torch.zeros(B, C, s * H, s * W, dtype=work, device=feat.device)
+        weights = torch.softmax(logits.to(work), dim=1)
+        knn = torch.empty(cc, s * H, s * W, dtype=work, device=feat.device)
+    q_mean, q_std, k_mean, k_std = (t.transpose(1, 2) for t in stats)  # (B, M | N, C) views
+    for b in range(B):
+        for c0 in range(0, C, cc):
+            c = slice(c0, min(C, c0 + cc))
+            width = c.stop - c.start
+            blocks = _key_block_rows(feat[b, c].to(work), geo)  # (N, width, ps^2)
+            qm, qs = q_mean[b, :, c].contiguous(), q_std[b, :, c].contiguous()  # (M, width)
+            km, ks = k_mean[b, :, c].contiguous(), k_std[b, :, c].contiguous()  # (N, width)
+            fold = hr[:width]
+            for r in range(k):
+                fold.zero_()
+                for i0 in range(0, m1, rows):
+                    i1 = min(m1, i0 + rows)
+                    m = slice(i0 * m2, i1 * m2)
+                    n = idx[b, m, r]
+                    z = gathered[: n.numel() * width * ps * ps].view(n.numel(), width, ps * ps)
+                    torch.index_select(blocks, 0, n, out=z)
+                    alpha = qs[m] / ks[n]  # (rows * m2, width)
+                    beta = qm[m] - km[n] * alpha
+                    z.mul_(alpha[:, :, None]).add_(beta[:, :, None])
+                    _fold_rows_(fold, z.view(i1 - i0, m2, width, ps, ps), i0, geo)
+                total = fold.view(width, (m1 + q) * ts, (m2 + q) * ts)[crop]
+                if logits is None:
+                    torch.div(total, count, out=out[b, r, c])
+                else:
+                    out[b, c].addcmul_(torch.div(total, count, out=knn[:width]), weights[b, r])
+    return out.to(feat.dtype)
 
 
 @torch.library.custom_op("ignn::patch_aggregate", mutates_args=())

@@ -84,6 +84,25 @@ def test_aggregate_gradients_match_reference():
     assert torch.autograd.gradcheck(ours, (f1.detach().requires_grad_(), l1.detach().requires_grad_()))
 
 
+@pytest.mark.parametrize("s, gather_rows", [(2, 1), (2, 2), (3, 2)])
+def test_aggregate_chunks_match_reference(monkeypatch, s, gather_rows):
+    """The CPU aggregation in channel chunks (5 channels as 2 + 2 + 1) and query-row chunks
+    (one or two rows, an odd number of rows: a short last chunk), both outputs, B = 2."""
+    B, C, H, W, k = 2, 5, 9 * s, 5 * s, 3
+    ye, xe, feat = _inputs(B, 2, H, W, s, 3, C)
+    _, idx = R.patch_knn(ye, xe, k, s, 3)
+    geo = graph_geometry(H, W, s)
+    assert geo.m1 % 2 == 1
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 2 * geo.num_keys * geo.hr_patch ** 2)
+    monkeypatch.setattr(ops, "_GATHER_ELEMENTS", gather_rows * geo.m2 * 2 * geo.hr_patch ** 2)
+    query, key = ops.query_stats(feat), ops.key_stats(feat, s)
+    knn = ops.patch_aggregate(feat, idx, query, key, s)
+    torch.testing.assert_close(knn, R.aggregate(feat, idx, s), rtol=1e-10, atol=1e-10)
+    logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
+    torch.testing.assert_close(ops.patch_aggregate(feat, idx, query, key, s, logits=logits),
+                               R.weighted_sum(R.aggregate(feat, idx, s), logits))
+
+
 def test_knn_chunks_give_the_unchunked_result(monkeypatch):
     ye, xe, _ = _inputs(1, 3, 30, 26, 2, 5)
     whole = ops.patch_knn(ye, xe, 4, 2, 4)
