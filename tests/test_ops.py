@@ -86,21 +86,35 @@ def test_aggregate_gradients_match_reference():
 
 @pytest.mark.parametrize("s, gather_rows", [(2, 1), (2, 2), (3, 2)])
 def test_aggregate_chunks_match_reference(monkeypatch, s, gather_rows):
-    """The CPU aggregation in channel chunks (5 channels as 2 + 2 + 1) and query-row chunks
-    (one or two rows, an odd number of rows: a short last chunk), both outputs, B = 2."""
+    """The CPU aggregation and its backward in channel chunks (5 channels as 2 + 2 + 1) and
+    query-row chunks (one or two rows, an odd number of rows: a short last chunk), both
+    outputs, B = 2: values and gradients (through the statistics too) vs the reference."""
     B, C, H, W, k = 2, 5, 9 * s, 5 * s, 3
     ye, xe, feat = _inputs(B, 2, H, W, s, 3, C)
     _, idx = R.patch_knn(ye, xe, k, s, 3)
     geo = graph_geometry(H, W, s)
     assert geo.m1 % 2 == 1
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 2 * geo.num_keys * geo.hr_patch ** 2)
+    q = -(-geo.hr_patch // geo.hr_stride) - 1
+    hr_area = (geo.m1 + q) * (geo.m2 + q) * geo.hr_stride ** 2
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 2 * max(geo.num_keys * geo.hr_patch ** 2, hr_area))
     monkeypatch.setattr(ops, "_GATHER_ELEMENTS", gather_rows * geo.m2 * 2 * geo.hr_patch ** 2)
-    query, key = ops.query_stats(feat), ops.key_stats(feat, s)
-    knn = ops.patch_aggregate(feat, idx, query, key, s)
-    torch.testing.assert_close(knn, R.aggregate(feat, idx, s), rtol=1e-10, atol=1e-10)
+    assert ops._cpu_chunks(geo, C) == (2, gather_rows)
     logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
-    torch.testing.assert_close(ops.patch_aggregate(feat, idx, query, key, s, logits=logits),
-                               R.weighted_sum(R.aggregate(feat, idx, s), logits))
+    for lg in (None, logits):  # knn_hr (B, k, C, sH, sW), then x1_hr (B, C, sH, sW)
+        f1, f2 = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+        l1, l2 = (None, None) if lg is None else (lg.clone().requires_grad_(),
+                                                  lg.clone().requires_grad_())
+        got = ops.patch_aggregate(f1, idx, ops.query_stats(f1), ops.key_stats(f1, s), s,
+                                  logits=l1)
+        want = R.aggregate(f2, idx, s)
+        want = want if lg is None else R.weighted_sum(want, l2)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        upstream = torch.randn_like(want)
+        (got * upstream).sum().backward()
+        (want * upstream).sum().backward()
+        torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-10, atol=1e-10)
+        if lg is not None:
+            torch.testing.assert_close(l1.grad, l2.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_knn_chunks_give_the_unchunked_result(monkeypatch):
@@ -157,3 +171,13 @@ def test_out_of_range_indices_are_refused():
         ops.patch_aggregate(feat, idx, ops.query_stats(feat), ops.key_stats(feat, 2), 2)
     with pytest.raises(ValueError, match="int64"):
         ops.edge_features(ye, xe, idx.int(), 2)
+
+
+@pytest.mark.parametrize("s, H, W", [(2, 18, 10), (3, 21, 27), (2, 8, 14)])
+def test_fold_edges_cpu_equals_the_cuda_formulation(s, H, W):
+    """fold_edges folds with strided broadcast adds on the CPU and with a transposed box
+    convolution on CUDA: the same map (both run here, on CPU tensors)."""
+    geo = graph_geometry(H, W, s)
+    values = torch.randn(2, 5, geo.m1, geo.m2, dtype=torch.float64)
+    torch.testing.assert_close(ops._fold_hr_constant(values, geo),
+                               ops._fold_hr_constant_conv(values, geo), rtol=1e-12, atol=1e-12)
