@@ -232,12 +232,8 @@ def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     if values.is_cuda:
         return _fold_hr_constant_conv(values, geo)
     B, D, m1, m2 = values.shape
-    ps, ts, s = geo.hr_patch, geo.hr_stride, geo.scale
-    q = -(-ps // ts) - 1
-    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
-    crop = (slice(None), slice(top, top + s * geo.query_h.size),
-            slice(left, left + s * geo.query_w.size))
-    count = _hr_count(geo, values)[crop[1:]]
+    ps, ts = geo.hr_patch, geo.hr_stride
+    q, crop, count = _hr_crop(geo, values)
     out = []
     for b in range(B):
         total = values.new_zeros(D, m1 + q, ts, m2 + q, ts)
@@ -376,19 +372,25 @@ def _key_block_rows(feat_c: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     return view.reshape(grid_h * grid_w, Cc, patch * patch)
 
 
-def _fold_rows_(hr: torch.Tensor, z: torch.Tensor, i0: int, geo: GraphGeometry) -> None:
-    """hr (Cc, m1 + Q, ts, m2 + Q, ts) += the fold of z (rows, m2, Cc, ps, ps), the HR blocks
-    of query rows i0 .. i0 + rows: the block of query (i, j) lies at padded HR rows
-    ts*i .. ts*i + ps, i.e. offset u in [0, ps) lands in phase row i + u // ts, row u % ts.
-    ceil(ps / ts)^2 strided adds (4 for IGNN) instead of col2im's per-element loop."""
+def _phases(geo: GraphGeometry, i0: int, rows: int, cols: int):
+    """Pairs (block offsets, phase-layout slice) that map the (ps, ps) blocks of query rows
+    i0 .. i0 + rows (all `cols` columns) onto the padded HR layout (Cc, m1 + Q, ts, m2 + Q,
+    ts): the block of query (i, j) lies at padded HR rows ts*i .. ts*i + ps, so offset u
+    lands in phase row i + u // ts, row u % ts. ceil(ps / ts)^2 pairs (4 for IGNN)."""
     ps, ts = geo.hr_patch, geo.hr_stride
-    rows, m2 = z.shape[:2]
     for qu in range(-(-ps // ts)):
         u = slice(qu * ts, min(ps, qu * ts + ts))
         for qv in range(-(-ps // ts)):
             v = slice(qv * ts, min(ps, qv * ts + ts))
-            hr[:, i0 + qu: i0 + qu + rows, : u.stop - u.start, qv: qv + m2, : v.stop - v.start] \
-                += z[:, :, :, u, v].permute(2, 0, 3, 1, 4)
+            yield (u, v), (slice(None), slice(i0 + qu, i0 + qu + rows), slice(0, u.stop - u.start),
+                           slice(qv, qv + cols), slice(0, v.stop - v.start))
+
+
+def _fold_rows_(hr: torch.Tensor, z: torch.Tensor, i0: int, geo: GraphGeometry) -> None:
+    """hr (Cc, m1 + Q, ts, m2 + Q, ts) += the fold of z (rows, m2, Cc, ps, ps), the HR blocks
+    of query rows i0 .. i0 + rows: a few strided adds instead of col2im's per-element loop."""
+    for (u, v), dst in _phases(geo, i0, *z.shape[:2]):
+        hr[dst] += z[:, :, :, u, v].permute(2, 0, 3, 1, 4)
 
 
 def _cpu_chunks(geo: GraphGeometry, C: int) -> tuple[int, int]:
@@ -402,6 +404,28 @@ def _cpu_chunks(geo: GraphGeometry, C: int) -> tuple[int, int]:
     return cc, max(1, min(geo.m1, _GATHER_ELEMENTS // max(1, geo.m2 * cc * ps * ps)))
 
 
+def _hr_crop(geo: GraphGeometry, like: torch.Tensor):
+    """(Q, crop, count): the phase rows past the last query row of the padded HR layout
+    (m1 + Q, ts, m2 + Q, ts), the (channel, row, col) slices of the unpadded HR map in it
+    flattened, and that map's cover counts (sH, sW)."""
+    s = geo.scale
+    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
+    crop = (slice(None), slice(top, top + s * geo.query_h.size),
+            slice(left, left + s * geo.query_w.size))
+    return -(-geo.hr_patch // geo.hr_stride) - 1, crop, _hr_count(geo, like)[crop[1:]]
+
+
+def _cpu_chunk_items(feat, stats, geo: GraphGeometry, cc: int):
+    """Per item b and chunk c of cc channels: (b, c, the key blocks (N, Cc, ps^2) and the
+    statistics (M | N, Cc) contiguous) in the work dtype."""
+    views = [t.transpose(1, 2) for t in stats]  # (B, M | N, C)
+    for b in range(feat.shape[0]):
+        for c0 in range(0, feat.shape[1], cc):
+            c = slice(c0, min(feat.shape[1], c0 + cc))
+            yield (b, c, _key_block_rows(feat[b, c].to(stats[0].dtype), geo),
+                   [v[b, :, c].contiguous() for v in views])
+
+
 def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
     """Per (item, channel chunk, rank): gather the neighbours' key blocks a few query rows at
     a time (index_select of whole rows), normalise them in place and fold them into one
@@ -412,10 +436,7 @@ def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tens
     k = idx.shape[2]
     s, ps, ts, m1, m2 = geo.scale, geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
     work = stats[0].dtype
-    q = -(-ps // ts) - 1  # extra phase rows past the last query row
-    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
-    crop = (slice(None), slice(top, top + s * H), slice(left, left + s * W))
-    count = _hr_count(geo, stats[0])[crop[1:]]
+    q, crop, count = _hr_crop(geo, stats[0])
     cc, rows = _cpu_chunks(geo, C)
     hr = torch.empty(cc, m1 + q, ts, m2 + q, ts, dtype=work, device=feat.device)
     gathered = torch.empty(rows * m2 * cc * ps * ps, dtype=work, device=feat.device)
@@ -425,32 +446,26 @@ def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tens
         out = torch.zeros(B, C, s * H, s * W, dtype=work, device=feat.device)
         weights = torch.softmax(logits.to(work), dim=1)
         knn = torch.empty(cc, s * H, s * W, dtype=work, device=feat.device)
-    q_mean, q_std, k_mean, k_std = (t.transpose(1, 2) for t in stats)  # (B, M | N, C) views
-    for b in range(B):
-        for c0 in range(0, C, cc):
-            c = slice(c0, min(C, c0 + cc))
-            width = c.stop - c.start
-            blocks = _key_block_rows(feat[b, c].to(work), geo)  # (N, width, ps^2)
-            qm, qs = q_mean[b, :, c].contiguous(), q_std[b, :, c].contiguous()  # (M, width)
-            km, ks = k_mean[b, :, c].contiguous(), k_std[b, :, c].contiguous()  # (N, width)
-            fold = hr[:width]
-            for r in range(k):
-                fold.zero_()
-                for i0 in range(0, m1, rows):
-                    i1 = min(m1, i0 + rows)
-                    m = slice(i0 * m2, i1 * m2)
-                    n = idx[b, m, r]
-                    z = gathered[: n.numel() * width * ps * ps].view(n.numel(), width, ps * ps)
-                    torch.index_select(blocks, 0, n, out=z)
-                    alpha = qs[m] / ks[n]  # (rows * m2, width)
-                    beta = qm[m] - km[n] * alpha
-                    z.mul_(alpha[:, :, None]).add_(beta[:, :, None])
-                    _fold_rows_(fold, z.view(i1 - i0, m2, width, ps, ps), i0, geo)
-                total = fold.view(width, (m1 + q) * ts, (m2 + q) * ts)[crop]
-                if logits is None:
-                    torch.div(total, count, out=out[b, r, c])
-                else:
-                    out[b, c].addcmul_(torch.div(total, count, out=knn[:width]), weights[b, r])
+    for b, c, blocks, (qm, qs, km, ks) in _cpu_chunk_items(feat, stats, geo, cc):
+        width = c.stop - c.start  # blocks (N, width, ps^2); qm, qs (M, width); km, ks (N, width)
+        fold = hr[:width]
+        for r in range(k):
+            fold.zero_()
+            for i0 in range(0, m1, rows):
+                i1 = min(m1, i0 + rows)
+                m = slice(i0 * m2, i1 * m2)
+                n = idx[b, m, r]
+                z = gathered[: n.numel() * width * ps * ps].view(n.numel(), width, ps * ps)
+                torch.index_select(blocks, 0, n, out=z)
+                alpha = qs[m] / ks[n]  # (rows * m2, width)
+                beta = qm[m] - km[n] * alpha
+                z.mul_(alpha[:, :, None]).add_(beta[:, :, None])
+                _fold_rows_(fold, z.view(i1 - i0, m2, width, ps, ps), i0, geo)
+            total = fold.view(width, (m1 + q) * ts, (m2 + q) * ts)[crop]
+            if logits is None:
+                torch.div(total, count, out=out[b, r, c])
+            else:
+                out[b, c].addcmul_(torch.div(total, count, out=knn[:width]), weights[b, r])
     return out.to(feat.dtype)
 
 
@@ -509,14 +524,8 @@ def _hr_count(geo: GraphGeometry, like: torch.Tensor) -> torch.Tensor:
 def _unfold_rows(dz: torch.Tensor, d: torch.Tensor, i0: int, geo: GraphGeometry) -> None:
     """dz (rows, m2, Cc, ps, ps) = the HR blocks of query rows i0 .. i0 + rows read from d
     (Cc, m1 + Q, ts, m2 + Q, ts): the adjoint of _fold_rows_ (every block offset once)."""
-    ps, ts = geo.hr_patch, geo.hr_stride
-    rows, m2 = dz.shape[:2]
-    for qu in range(-(-ps // ts)):
-        u = slice(qu * ts, min(ps, qu * ts + ts))
-        for qv in range(-(-ps // ts)):
-            v = slice(qv * ts, min(ps, qv * ts + ts))
-            dz[:, :, :, u, v] = d[:, i0 + qu: i0 + qu + rows, : u.stop - u.start,
-                                  qv: qv + m2, : v.stop - v.start].permute(1, 3, 0, 2, 4)
+    for (u, v), src in _phases(geo, i0, *dz.shape[:2]):
+        dz[:, :, :, u, v] = d[src].permute(1, 3, 0, 2, 4)
 
 
 def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeometry):
@@ -527,13 +536,10 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
     gradient is the softmax backward of g_r = <dx1, knn_r> (knn_r refolded as forward)."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
-    s, ps, ts, m1, m2 = geo.scale, geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
+    ps, ts, m1, m2 = geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
     work = stats[0].dtype
     dev = feat.device
-    q = -(-ps // ts) - 1
-    top, left = s * geo.query_h.pad_before, s * geo.query_w.pad_before
-    crop = (slice(None), slice(top, top + s * H), slice(left, left + s * W))
-    count = _hr_count(geo, stats[0])[crop[1:]]
+    q, crop, count = _hr_crop(geo, stats[0])
     patch, stride, pad_top, pad_left, n1, n2 = _key_grid(geo)
     cc, rows = _cpu_chunks(geo, C)
     d_hr = torch.empty(cc, m1 + q, ts, m2 + q, ts, dtype=work, device=dev)  # upstream / count
@@ -547,58 +553,52 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
         scaled = weights / count  # the upstream of rank r is dx1 * w_r, then / count
     d_feat = torch.zeros(feat.shape, dtype=work, device=dev)
     d_stats = [torch.zeros_like(t) for t in stats]
-    q_mean, q_std, k_mean, k_std = (t.transpose(1, 2) for t in stats)  # (B, M | N, C) views
-    for b in range(B):
-        for c0 in range(0, C, cc):
-            c = slice(c0, min(C, c0 + cc))
-            width = c.stop - c.start
-            blocks = _key_block_rows(feat[b, c].to(work), geo)  # (N, width, ps^2)
-            qm, qs = q_mean[b, :, c].contiguous(), q_std[b, :, c].contiguous()  # (M, width)
-            km, ks = k_mean[b, :, c].contiguous(), k_std[b, :, c].contiguous()  # (N, width)
-            d_blocks = torch.zeros_like(blocks)
-            d_km, d_ks = torch.zeros_like(km), torch.zeros_like(ks)
-            d_qm, d_qs = d_stats[0][b, c], d_stats[1][b, c]  # (width, M) views
-            upstream = d_hr[:width]
-            up_hr = upstream.view(width, (m1 + q) * ts, (m2 + q) * ts)
-            for r in range(k):
-                up_hr.zero_()
-                if weights is None:
-                    torch.div(grad_out[b, r, c].to(work), count, out=up_hr[crop])
-                else:
-                    torch.mul(grad_out[b, c].to(work), scaled[b, r], out=up_hr[crop])
-                    hr[:width].zero_()
-                for i0 in range(0, m1, rows):
-                    i1 = min(m1, i0 + rows)
-                    m = slice(i0 * m2, i1 * m2)
-                    n = idx[b, m, r]
-                    size = n.numel() * width * ps * ps
-                    z = gathered[:size].view(n.numel(), width, ps * ps)
-                    torch.index_select(blocks, 0, n, out=z)
-                    dz = d_gathered[:size].view(n.numel(), width, ps * ps)
-                    _unfold_rows(dz.view(i1 - i0, m2, width, ps, ps), upstream, i0, geo)
-                    sigma_kn, mu_kn = ks[n], km[n]  # (rows * m2, width)
-                    alpha = qs[m] / sigma_kn
-                    d_alpha = (dz * z).sum(2)
-                    d_beta = dz.sum(2)
-                    if weights is not None:  # this rank's normalised blocks, folded as forward
-                        z.mul_(alpha[:, :, None]).add_((qm[m] - mu_kn * alpha)[:, :, None])
-                        _fold_rows_(hr[:width], z.view(i1 - i0, m2, width, ps, ps), i0, geo)
-                    d_blocks.index_add_(0, n, dz.mul_(alpha[:, :, None]))
-                    d_alpha -= d_beta * mu_kn  # beta = mu_q - mu_kn * alpha
-                    d_qm[:, m] += d_beta.T
-                    d_qs[:, m] += (d_alpha / sigma_kn).T
-                    d_km.index_add_(0, n, -d_beta * alpha)
-                    d_ks.index_add_(0, n, -d_alpha * alpha / sigma_kn)
-                if weights is not None:
-                    knn = hr[:width].view(width, (m1 + q) * ts, (m2 + q) * ts)[crop] / count
-                    g[b, r] += (grad_out[b, c].to(work) * knn).sum(0)
-            # the key blocks' gradient onto F: the same phase fold on the son grid
-            d_pad[:width].zero_()
-            _fold_rows_(d_pad[:width], d_blocks.view(n1, n2, width, patch, patch), 0, geo)
-            d_flat = d_pad[:width].view(width, (n1 + q) * ts, (n2 + q) * ts)
-            d_feat[b, c] += d_flat[:, pad_top: pad_top + H, pad_left: pad_left + W]
-            d_stats[2][b, c] += d_km.T
-            d_stats[3][b, c] += d_ks.T
+    for b, c, blocks, (qm, qs, km, ks) in _cpu_chunk_items(feat, stats, geo, cc):
+        width = c.stop - c.start
+        d_blocks = torch.zeros_like(blocks)
+        d_km, d_ks = torch.zeros_like(km), torch.zeros_like(ks)
+        d_qm, d_qs = d_stats[0][b, c], d_stats[1][b, c]  # (width, M) views
+        upstream = d_hr[:width]
+        up_hr = upstream.view(width, (m1 + q) * ts, (m2 + q) * ts)
+        for r in range(k):
+            up_hr.zero_()
+            if weights is None:
+                torch.div(grad_out[b, r, c].to(work), count, out=up_hr[crop])
+            else:
+                torch.mul(grad_out[b, c].to(work), scaled[b, r], out=up_hr[crop])
+                hr[:width].zero_()
+            for i0 in range(0, m1, rows):
+                i1 = min(m1, i0 + rows)
+                m = slice(i0 * m2, i1 * m2)
+                n = idx[b, m, r]
+                size = n.numel() * width * ps * ps
+                z = gathered[:size].view(n.numel(), width, ps * ps)
+                torch.index_select(blocks, 0, n, out=z)
+                dz = d_gathered[:size].view(n.numel(), width, ps * ps)
+                _unfold_rows(dz.view(i1 - i0, m2, width, ps, ps), upstream, i0, geo)
+                sigma_kn, mu_kn = ks[n], km[n]  # (rows * m2, width)
+                alpha = qs[m] / sigma_kn
+                d_alpha = (dz * z).sum(2)
+                d_beta = dz.sum(2)
+                if weights is not None:  # this rank's normalised blocks, folded as forward
+                    z.mul_(alpha[:, :, None]).add_((qm[m] - mu_kn * alpha)[:, :, None])
+                    _fold_rows_(hr[:width], z.view(i1 - i0, m2, width, ps, ps), i0, geo)
+                d_blocks.index_add_(0, n, dz.mul_(alpha[:, :, None]))
+                d_alpha -= d_beta * mu_kn  # beta = mu_q - mu_kn * alpha
+                d_qm[:, m] += d_beta.T
+                d_qs[:, m] += (d_alpha / sigma_kn).T
+                d_km.index_add_(0, n, -d_beta * alpha)
+                d_ks.index_add_(0, n, -d_alpha * alpha / sigma_kn)
+            if weights is not None:
+                knn = hr[:width].view(width, (m1 + q) * ts, (m2 + q) * ts)[crop] / count
+                g[b, r] += (grad_out[b, c].to(work) * knn).sum(0)
+        # the key blocks' gradient onto F: the same phase fold on the son grid
+        d_pad[:width].zero_()
+        _fold_rows_(d_pad[:width], d_blocks.view(n1, n2, width, patch, patch), 0, geo)
+        d_flat = d_pad[:width].view(width, (n1 + q) * ts, (n2 + q) * ts)
+        d_feat[b, c] += d_flat[:, pad_top: pad_top + H, pad_left: pad_left + W]
+        d_stats[2][b, c] += d_km.T
+        d_stats[3][b, c] += d_ks.T
     grad_logits = (feat.new_empty(0) if logits is None else
                    (weights * (g - (weights * g).sum(1, keepdim=True))).to(logits.dtype))
     return [d_feat, *d_stats, grad_logits]
