@@ -68,6 +68,20 @@ class VGGEmbedding(nn.Module):
         return self.model(self.sub_mean(x))
 
 
+_CPU_BAND_ELEMENTS = 1 << 19  # elements per band of a pointwise net on the CPU (2 MiB fp32)
+
+
+def _banded(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net(x) for a net of 1x1 convolutions and pointwise ops (the ECN): on the CPU, in bands
+    of rows, so that every intermediate stays in cache and its buffer is reused instead of a
+    fresh map per op (measured: 64 channels at 1024 x 1024, 1.3 s -> 0.53 s, bit-identical).
+    Whole on other devices and under torch.compile (which fuses the pointwise ops)."""
+    rows = max(1, _CPU_BAND_ELEMENTS // max(1, x.shape[0] * x.shape[1] * x.shape[3]))
+    if x.is_cuda or torch.compiler.is_compiling() or rows >= x.shape[2]:
+        return net(x)
+    return torch.cat([net(x[:, :, r: r + rows]) for r in range(0, x.shape[2], rows)], 2)
+
+
 def edge_conditioned_net(channels: int = 64) -> nn.Sequential:
     """ECN (spec section 5): conv1x1, ResBlock of 1x1 convs (x0.1), conv1x1 to one logit."""
     return nn.Sequential(conv_block(channels, channels, 1), ResBlock(channels, 1, 0.1),
@@ -115,7 +129,8 @@ class GraphAggregation(nn.Module):
             edges_hr = ops.fold_edges(diff_r, lr_hw, s, p, t)[:, 0].to(dtype)  # (B, E, sH, sW)
             edges_lr = F.avg_pool2d(edges_hr, s)  # (B, E, H, W)
         with stage("ignn/ecn") as st:
-            return st.outputs(self.weightnet_hr(edges_hr), self.weightnet_lr(edges_lr))
+            return st.outputs(_banded(self.weightnet_hr, edges_hr),
+                              _banded(self.weightnet_lr, edges_lr))
 
     def _rank_den(self, feat, idx_r, query, key, w_r):
         """One rank's weighted DEN output w_r * DEN(knn_hr[r]) (B, C, H, W); knn_hr[r]

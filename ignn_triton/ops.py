@@ -226,10 +226,11 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: 
 
 def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     """values (B, D, m1, m2), constant over each query's HR patch -> overlap-averaged HR map
-    (B, D, sH, sW); no per-patch copy is made. CUDA: a transposed box convolution (cuDNN);
-    CPU: ceil(ps / ts)^2 broadcast adds into the phase layout (_fold_rows_), about 4x faster
+    (B, D, sH, sW); no per-patch copy is made. CUDA and torch.compile: a transposed box
+    convolution (cuDNN; inductor takes many minutes over the strided adds); eager CPU:
+    ceil(ps / ts)^2 broadcast adds into the phase layout (_fold_rows_), about 4x faster
     there than the convolution (measured: E = 64, LR 128x128)."""
-    if values.is_cuda:
+    if values.is_cuda or torch.compiler.is_compiling():
         return _fold_hr_constant_conv(values, geo)
     B, D, m1, m2 = values.shape
     ps, ts = geo.hr_patch, geo.hr_stride

@@ -56,6 +56,41 @@ def test_graph_aggregation_matches_reference(scale):
     torch.testing.assert_close(ours[1], ref[1])
 
 
+def test_banded_ecn_equals_the_whole_map(monkeypatch):
+    """On the CPU the ECN runs on bands of rows (3 rows here: 24 HR rows at s = 2 as 8 bands,
+    12 LR rows as 4); the GA block gives the whole-map result, and so do its gradients."""
+    from ignn_triton import modules
+
+    torch.manual_seed(4)
+    model = IGNN(scale=2, n_feats=6, n_resblocks=2, window=3)
+    x = torch.rand(1, 3, 12, 10)
+    ye, xe = model.vggnet(x), model.vggnet(imresize(x, 0.5).clamp(0, 1))
+    feat = torch.randn(1, 6, 12, 10)
+    calls = []
+    model.gcn.weightnet_hr.register_forward_hook(lambda mod, i, o: calls.append(o.shape[2]))
+
+    def run():
+        model.zero_grad()
+        out = model.gcn(feat, ye, xe)
+        (out[0].square().sum() + out[1].sum()).backward()
+        return [t.detach() for t in out] + [p.grad.clone() for p in model.gcn.parameters()
+                                            if p.grad is not None]
+
+    whole = run()
+    assert calls == [24] * 5  # k = 5 ranks, whole HR maps
+    calls.clear()
+    monkeypatch.setattr(modules, "_CPU_BAND_ELEMENTS", 3 * 64 * 20)  # 3 rows of the HR map
+    banded = run()
+    assert calls == [3] * 8 * 5
+    assert len(banded) == len(whole) > 2
+    for i, (a, b) in enumerate(zip(banded, whole)):  # weight gradients: sums in another order
+        tol = 1e-6 if i < 2 else 1e-4
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    net = modules.edge_conditioned_net(64)
+    edges = torch.randn(2, 64, 7, 5)  # 6 rows per band here: 6 + 1
+    torch.testing.assert_close(modules._banded(net, edges), net(edges), rtol=1e-6, atol=1e-6)
+
+
 def test_training_step_gives_finite_gradients_to_every_trainable_parameter():
     torch.manual_seed(1)
     model = IGNN(scale=2, n_feats=8, n_resblocks=2, window=4)
