@@ -62,11 +62,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..geometry import GraphGeometry, graph_geometry
+from ..geometry import GraphGeometry, graph_geometry, window_start
 
 __all__ = ["KnnConfig", "EdgeConfig", "patch_knn", "edge_features", "default_knn_config",
-           "default_edge_config", "auto_splits", "launch_splits", "CTAS_PER_SM", "DEFAULT_CONFIGS", "AOT_SPECS",
-           "aot_specs"]
+           "default_edge_config", "auto_splits", "launch_splits", "CTAS_PER_SM",
+           "DEFAULT_CONFIGS", "AOT_SPECS", "aot_specs"]
 
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of a candidate outside the window
 _INT64_MIN = tl.constexpr(-0x8000000000000000)  # key of an unused top-k slot (>= k)
@@ -483,18 +483,18 @@ def launch_splits(geo: GraphGeometry, cfg: KnnConfig, B: int, device: torch.devi
     return auto_splits(programs, _tiles(geo, cfg), *_slots(device, dtype))
 
 
-def _union_extent(first: int, queries: int, block: int, scale: int, win: int, count: int) -> int:
+def _union_extent(queries: int, block: int, scale: int, win: int, count: int) -> int:
     """The most son rows (or columns) that the union of a query block's windows spans."""
     def start(x):
-        return min(max(x // scale - win // 2, 0), count - win)
+        return window_start(x, scale, win, count)
     return max(start(min(q0 + block, queries) - 1) + win - start(q0)
-               for q0 in range(first, queries, block))
+               for q0 in range(0, queries, block))
 
 
 def _tiles(geo: GraphGeometry, cfg: KnnConfig) -> int:
     """Candidate tiles of the largest union of windows (the kernel's trip count)."""
-    rows = _union_extent(0, geo.m1, cfg.block_qr, geo.scale, geo.window_h, geo.n1)
-    cols = _union_extent(0, geo.m2, cfg.block_qc, geo.scale, geo.window_w, geo.n2)
+    rows = _union_extent(geo.m1, cfg.block_qr, geo.scale, geo.window_h, geo.n1)
+    cols = _union_extent(geo.m2, cfg.block_qc, geo.scale, geo.window_w, geo.n2)
     return triton.cdiv(rows * cols, cfg.block_n)
 
 
