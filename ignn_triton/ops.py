@@ -100,11 +100,6 @@ def _key_grid(geo: GraphGeometry) -> tuple[int, int, int, int, int, int]:
             geo.n1, geo.n2)
 
 
-def _key_blocks(feat: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """(B, C, (p*s)^2, N): the block of F under each son patch."""
-    return _patches(feat, *_key_grid(geo))
-
-
 def _window_candidates(geo: GraphGeometry, rows: range, device):
     """The wh*ww candidates of every query in query rows `rows`: son indices relative to
     the first son row those windows touch, (len(rows) * m2, wh * ww) int64, plus the
@@ -226,11 +221,11 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: 
 
 def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     """values (B, D, m1, m2), constant over each query's HR patch -> overlap-averaged HR map
-    (B, D, sH, sW); no per-patch copy is made. CUDA and torch.compile: a transposed box
+    (B, D, sH, sW); no per-patch copy is made. GPUs and torch.compile: a transposed box
     convolution (cuDNN; inductor takes many minutes over the strided adds); eager CPU:
     ceil(ps / ts)^2 broadcast adds into the phase layout (_fold_rows_), about 4x faster
     there than the convolution (measured: E = 64, LR 128x128)."""
-    if values.is_cuda or torch.compiler.is_compiling():
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
         return _fold_hr_constant_conv(values, geo)
     B, D, m1, m2 = values.shape
     ps, ts = geo.hr_patch, geo.hr_stride
@@ -245,7 +240,7 @@ def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
 
 
 def _fold_hr_constant_conv(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """_fold_hr_constant as a transposed box convolution (the CUDA path)."""
+    """_fold_hr_constant as a transposed box convolution (the GPU and compiled path)."""
     B, D = values.shape[:2]
     box = values.new_ones(1, 1, geo.hr_patch, geo.hr_patch)
     total = F.conv_transpose2d(values.reshape(B * D, 1, geo.m1, geo.m2), box, stride=geo.hr_stride)
