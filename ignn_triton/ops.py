@@ -69,14 +69,20 @@ def _check_idx(idx: torch.Tensor, batch: int, geo: GraphGeometry) -> None:
 
 # --------------------------------------------------------------------------- patches
 
+def _pad_to_grid(x: torch.Tensor, patch: int, stride: int, pad_top: int, pad_left: int,
+                 grid_h: int, grid_w: int) -> torch.Tensor:
+    """x (..., H, W) zero-padded to exactly cover a grid_h x grid_w grid of patches."""
+    H, W = x.shape[-2:]
+    return F.pad(x, (pad_left, (grid_w - 1) * stride + patch - pad_left - W,
+                     pad_top, (grid_h - 1) * stride + patch - pad_top - H))
+
+
 def _patches(x: torch.Tensor, patch: int, stride: int, pad_top: int, pad_left: int,
              grid_h: int, grid_w: int) -> torch.Tensor:
     """(B, C, patch^2, grid_h * grid_w): the patches of a zero-padded patch grid (a copy:
     callers bound its size)."""
-    B, C, H, W = x.shape
-    bottom = (grid_h - 1) * stride + patch - pad_top - H
-    right = (grid_w - 1) * stride + patch - pad_left - W
-    padded = F.pad(x, (pad_left, right, pad_top, bottom))
+    B, C = x.shape[:2]
+    padded = _pad_to_grid(x, patch, stride, pad_top, pad_left, grid_h, grid_w)
     return F.unfold(padded, patch, stride=stride).view(B, C, patch * patch, grid_h * grid_w)
 
 
@@ -358,10 +364,9 @@ def key_stats(feat: torch.Tensor, scale: int = 2, patch: int = 3, stride: int = 
 def _key_block_rows(feat_c: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     """(N, Cc, (p*s)^2): one item's key blocks of F (Cc, H, W), a son patch per row (one copy
     out of a strided view of the padded map), so that gathering neighbours is index_select."""
-    patch, stride, pad_top, pad_left, grid_h, grid_w = _key_grid(geo)
-    Cc, H, W = feat_c.shape
-    padded = F.pad(feat_c, (pad_left, (grid_w - 1) * stride + patch - pad_left - W,
-                            pad_top, (grid_h - 1) * stride + patch - pad_top - H))
+    patch, stride, _, _, grid_h, grid_w = grid = _key_grid(geo)
+    Cc = feat_c.shape[0]
+    padded = _pad_to_grid(feat_c, *grid)
     Hp, Wp = padded.shape[1:]
     view = padded.as_strided((grid_h, grid_w, Cc, patch, patch),
                              (stride * Wp, stride, Hp * Wp, Wp, 1), padded.storage_offset())
