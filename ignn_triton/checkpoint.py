@@ -1,15 +1,25 @@
 """Loading released IGNN / EDSR checkpoints and saving this package's own (safetensors).
 
-`load_model` reads three formats and returns a ready model in eval mode, or raises one
-`CheckpointError` naming everything that is wrong; a model is never half loaded:
+`load_model` reads these formats and returns a ready model in eval mode:
 - released IGNN (`torch.save({'net_state_dict': ...})` from DataParallel, `module.` keys);
 - a bare state_dict of IGNN or EDSR (the official EDSR-PyTorch files are these);
-- this package's safetensors file, whose metadata holds the architecture and config.
+- this package's safetensors file, whose metadata holds the architecture and config;
+- a training checkpoint of `ignn-triton train` (`last.pt`): its EMA weights when it kept an
+  EMA, else its model weights (a warning says which).
+
+Nothing in a file is trusted: the config (from the metadata, or inferred from the tensor
+shapes) is checked against the model's limits, and every tensor's name, shape and dtype
+against the shapes a model of that config has (computed on the meta device), before any
+real model is allocated. Any problem raises one `CheckpointError` that names the file and
+lists every problem; a model is never half loaded. Torch files are read with
+`torch.load(weights_only=True)`: no code in a file ever runs.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,40 +27,104 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .images import atomic_write
-from .model import EDSR, IGNN, drop_embedcnn_alias
+from .model import EDSR, IGNN, config_problems, drop_embedcnn_alias
 
 FORMAT = "ignn_triton"
 BUILTIN = "ignn_x4_c64b16.safetensors"  # trained by recipes/builtin_x4.sh; see data/MODEL_CARD.md
 _ARCHS = {"IGNN": IGNN, "EDSR": EDSR}
+_LISTED = 12  # problems listed in full in one error; the rest are counted
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be turned into a model; the message says why."""
 
 
-def _read(path: Path, map_location) -> tuple[dict, dict | None]:
-    """(state_dict, metadata or None) from a safetensors or torch file."""
+def _fail(path, what: str, problems: list[str]) -> CheckpointError:
+    shown = problems[:_LISTED]
+    more = [f"... and {len(problems) - _LISTED} more"] if len(problems) > _LISTED else []
+    return CheckpointError(f"{path}: {what}:\n  " + "\n  ".join(shown + more))
+
+
+# torch.save's legacy (pre-1.6, non-zip) format begins with this pickled magic number
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def load_torch_file(path: Path, map_location="cpu"):
+    """torch.load(weights_only=True), its failures turned into one plain explanation
+    (never torch's advice to turn weights_only off, which would run code from the file)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not (head.startswith(b"PK\x03\x04") or head == _LEGACY_MAGIC):
+        raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a torch "
+                              f"file)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: holds Python objects other than tensors and plain containers (code, "
+            f"custom classes); such files are not loaded, since loading them could run code "
+            f"from the file. Save a state_dict instead") from None
+    except Exception as e:  # a truncated or damaged archive
+        raise CheckpointError(f"{path}: truncated or corrupt torch file "
+                              f"({type(e).__name__})") from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts like safetensors: a u64 header length, then JSON."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read(path: Path, map_location) -> tuple[object, dict | None]:
+    """(object, safetensors metadata or None) from a safetensors or torch file."""
+    if is_safetensors(path):
         try:
             tensors = load_file(path, device=str(map_location))
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
         return tensors, metadata
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, not a checkpoint at all
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if isinstance(obj, dict) and "net_state_dict" in obj:
+    return load_torch_file(path, map_location), None
+
+
+def is_training_checkpoint(obj) -> bool:
+    """Whether obj looks like a `last.pt` of ignn-triton train (checked in full by the trainer)."""
+    return isinstance(obj, dict) and {"model", "args", "step"} <= set(obj)
+
+
+def _unwrap(path: Path, obj) -> tuple[dict, dict | None]:
+    """(state_dict, config or None) out of whatever a torch file held."""
+    config = None
+    if is_training_checkpoint(obj):
+        ema = obj.get("ema")
+        args = obj["args"] if isinstance(obj["args"], dict) else {}
+        which = "EMA weights" if ema is not None else "model weights (it kept no EMA)"
+        warnings.warn(f"{path}: a training checkpoint of ignn-triton train (step "
+                      f"{obj['step']!r}); loading its {which}. The run folder's "
+                      f"model.safetensors holds the same weights", stacklevel=4)
+        config = {key: args.get(key) for key in ("scale", "n_feats", "n_resblocks",
+                                                   "res_scale", "k", "window")}
+        config.update(patch_size=3, stride=2)  # the trainer's IGNN always uses these
+        obj = ema if ema is not None else obj["model"]
+    elif isinstance(obj, dict) and "net_state_dict" in obj:
         obj = obj["net_state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (or a dict with 'net_state_dict') "
-                              f"of tensors; got {type(obj).__name__}")
-    return obj, None
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state_dict (or a dict with "
+                              f"'net_state_dict') of tensors; got {_describe(obj)}")
+    bad = [f"{key!r}: {_describe(value)}" for key, value in obj.items()
+           if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise _fail(path, "expected a state_dict of tensors, but some entries are not tensors",
+                    bad)
+    return obj, config
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        return f"a dict with keys {', '.join(map(repr, list(obj)[:6]))}" if obj else "an empty dict"
+    return type(obj).__name__
 
 
 def _strip_prefix(state: dict) -> dict:
@@ -59,39 +133,70 @@ def _strip_prefix(state: dict) -> dict:
     return state
 
 
-def infer_config(state: dict) -> tuple[str, dict]:
-    """Architecture name and constructor arguments from the tensor shapes of a state_dict."""
-    def shape(key):
-        if key not in state:
-            raise CheckpointError(f"not an IGNN or EDSR state_dict: missing '{key}'")
-        return state[key].shape
+def _count_blocks(state: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.body\.0\.weight$")
+    return len({m.group(1) for key in state if (m := pattern.match(key))})
 
+
+def infer_config(state: dict) -> tuple[str, dict]:
+    """Architecture name and constructor arguments from the tensor shapes of a state_dict
+    (never from a key's mere presence); CheckpointError (without a file name) if the shapes
+    tell no consistent story."""
+    def shape(key):
+        value = state.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    head = shape("head.0.weight")
+    if head is None or len(head) != 4 or head[1:] != (3, 3, 3):
+        raise CheckpointError(f"not an IGNN or EDSR state_dict: 'head.0.weight' is "
+                              f"{head or 'missing'}, expected (C, 3, 3, 3)")
+    C = head[0]
     if any(key.startswith("gcn.") for key in state):
-        n_feats = shape("head.0.weight")[0]
-        body1 = len({key for key in state if re.match(r"body1\.\d+\.body\.0\.weight$", key)})
-        body2 = len({key for key in state if re.match(r"body2\.\d+\.body\.0\.weight$", key)})
+        body1, body2 = _count_blocks(state, "body1"), _count_blocks(state, "body2")
         if body1 == 0 or body1 != body2:
-            raise CheckpointError(f"IGNN state_dict with {body1} body1 and {body2} body2 blocks; "
-                                  "expected the same number in each")
-        s = int(round((shape("upsample.0.weight")[0] / n_feats) ** 0.5))
-        scale = 4 if "tail.0.0.weight" in state else s
-        return "IGNN", dict(scale=scale, n_feats=n_feats, n_resblocks=body1 + body2)
-    if "body.0.body.0.weight" in state:
-        n_feats = shape("head.0.weight")[0]
-        n_resblocks = len([key for key in state if re.match(r"body\.\d+\.body\.0\.weight$", key)])
-        ups = [state[key].shape[0] for key in sorted(state)
-               if re.match(r"tail\.0\.\d+\.weight$", key)]
-        scale = 3 if ups == [9 * n_feats] else 2 ** len(ups)
-        res_scale = 0.1 if n_feats > 64 else 1.0  # EDSR-L uses 0.1, the baseline 1.0
-        return "EDSR", dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks,
-                            res_scale=res_scale)
+            raise CheckpointError(f"IGNN state_dict with {body1} body1 and {body2} body2 "
+                                  "blocks; expected the same number in each")
+        up = shape("upsample.0.weight")
+        s = {(4 * C, C, 3, 3): 2, (9 * C, C, 3, 3): 3}.get(up)
+        if s is None:
+            raise CheckpointError(f"IGNN 'upsample.0.weight' is {up or 'missing'}; expected "
+                                  f"({4 * C} or {9 * C}, {C}, 3, 3) for C = {C}")
+        tail0, tail1 = shape("tail.0.0.weight"), shape("tail.1.0.weight")
+        if s == 2 and tail0 == (4 * C, C, 3, 3) and tail1 == (3, C, 3, 3):
+            scale = 4
+        elif tail0 == (3, C, 3, 3) and tail1 is None:
+            scale = s
+        else:
+            raise CheckpointError(
+                f"IGNN tail does not fit any scale: 'tail.0.0.weight' {tail0 or 'missing'}, "
+                f"'tail.1.0.weight' {tail1 or 'missing'}; expected tail.0.0 (3, {C}, 3, 3) "
+                f"alone (x2, x3: the released layout) or tail.0.0 ({4 * C}, {C}, 3, 3) and "
+                f"tail.1.0 (3, {C}, 3, 3) (x4)")
+        return "IGNN", dict(scale=scale, n_feats=C, n_resblocks=body1 + body2, res_scale=0.1,
+                            k=5, patch_size=3, stride=2, window=30)
+    if shape("body.0.body.0.weight") is not None:
+        ups = [shape(key)[0] for key in sorted(state)
+               if re.fullmatch(r"tail\.0\.\d+\.weight", key) and len(shape(key)) == 4]
+        scale = {(4 * C,): 2, (9 * C,): 3, (4 * C, 4 * C): 4}.get(tuple(ups))
+        if scale is None:
+            raise CheckpointError(f"EDSR upsampler convs with {ups} output channels fit no "
+                                  f"scale for C = {C}")
+        return "EDSR", dict(scale=scale, n_feats=C, n_resblocks=_count_blocks(state, "body"),
+                            res_scale=0.1 if C > 64 else 1.0)  # EDSR-L 0.1, baseline 1.0
     raise CheckpointError("not an IGNN or EDSR state_dict: found neither 'gcn.*' nor "
                           "'body.0.body.0.weight' keys")
 
 
-def _check_against(model: torch.nn.Module, state: dict) -> None:
-    """One error listing every missing, unexpected, mis-shaped or non-finite tensor."""
-    expected = model.state_dict()
+def expected_shapes(arch: str, config: dict) -> dict[str, tuple]:
+    """The state_dict shapes of a model of that config, computed on the meta device
+    (nothing allocated); the config must be valid (`config_problems`)."""
+    with torch.device("meta"):
+        model = _ARCHS[arch](**config)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def state_problems(expected: dict[str, tuple], state: dict) -> list[str]:
+    """Every missing, unexpected, mis-shaped, non-float or non-finite tensor."""
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -102,14 +207,25 @@ def _check_against(model: torch.nn.Module, state: dict) -> None:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
                         + (" ..." if len(unexpected) > 8 else ""))
     for key in sorted(set(expected) & set(state)):
-        if expected[key].shape != state[key].shape:
-            problems.append(f"{key}: shape {tuple(state[key].shape)}, expected "
-                            f"{tuple(expected[key].shape)}")
-        elif state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+        value = state[key]
+        if tuple(value.shape) != expected[key]:
+            problems.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
+        elif not value.is_floating_point():
+            problems.append(f"{key}: dtype {value.dtype}, expected a floating-point tensor")
+        elif value.device.type != "meta" and not torch.isfinite(value).all():
             problems.append(f"{key}: holds NaN or inf")
+    return problems
+
+
+def validate(path, arch: str, config: dict, state: dict) -> None:
+    """Raise one CheckpointError naming `path` unless config is valid and state fits it."""
+    problems = config_problems(arch, config)
     if problems:
-        raise CheckpointError("checkpoint does not match " + type(model).__name__ + ":\n  "
-                              + "\n  ".join(problems))
+        raise _fail(path, f"invalid {arch} config {config}", problems)
+    problems = state_problems(expected_shapes(arch, config), state)
+    if problems:
+        desc = ", ".join(f"{key} {config[key]}" for key in ("scale", "n_feats", "n_resblocks"))
+        raise _fail(path, f"does not match {arch} ({desc})", problems)
 
 
 def builtin_weights() -> Path:
@@ -121,26 +237,55 @@ def builtin_weights() -> Path:
     return path
 
 
-def read_checkpoint(path, map_location="cpu") -> tuple[str, dict, dict]:
-    """(architecture, constructor config, state_dict) of a checkpoint file, or of "builtin";
-    the state_dict's keys normalised (no `module.` prefix, no VGG alias)."""
+def _metadata_config(path: Path, metadata: dict) -> tuple[str, dict]:
+    arch = metadata.get("arch")
+    if arch not in _ARCHS:
+        raise CheckpointError(f"{path}: unknown architecture {arch!r} in the metadata "
+                              f"(expected one of {', '.join(_ARCHS)})")
+    try:
+        config = json.loads(metadata.get("config", ""))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the metadata's config is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the metadata's config must be a JSON object; got "
+                              f"{type(config).__name__}")
+    return arch, config
+
+
+def read_checkpoint(path, map_location="cpu", **overrides) -> tuple[str, dict, dict]:
+    """(architecture, constructor config, state_dict) of a checkpoint file, or of "builtin",
+    validated (`validate`): the state_dict fits a model of that config exactly. Keys are
+    normalised (no `module.` prefix, no VGG alias). overrides: constructor arguments the
+    weights cannot tell (IGNN's k, window, ...), applied before validation."""
     path = builtin_weights() if isinstance(path, str) and path == "builtin" else Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    state, metadata = _read(path, map_location)
+    obj, metadata = _read(path, map_location)
+    config = None
+    if metadata and metadata.get("format") == FORMAT:
+        arch, config = _metadata_config(path, metadata)
+        state = obj
+    else:
+        state, config = _unwrap(path, obj) if metadata is None else (obj, None)
+        arch = "IGNN" if config is not None else None
     state = _strip_prefix(state)
     drop_embedcnn_alias(state, "")
-    if metadata and metadata.get("format") == FORMAT:
-        arch = metadata.get("arch")
-        if arch not in _ARCHS:
-            raise CheckpointError(f"{path}: unknown architecture {arch!r} in metadata")
-        return arch, json.loads(metadata["config"]), state
-    return (*infer_config(state), state)
+    if config is None:
+        try:
+            arch, config = infer_config(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    config = {**config, **overrides}
+    validate(path, arch, config, state)
+    return arch, config, state
 
 
 def load_into(model: torch.nn.Module, state: dict) -> None:
     """Load state into model, strictly, after one check that names every problem."""
-    _check_against(model, state)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problems = state_problems(expected, state)
+    if problems:
+        raise _fail("checkpoint", f"does not match {type(model).__name__}", problems)
     model.load_state_dict(state, strict=True)
 
 
@@ -150,9 +295,9 @@ def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
 
     overrides: constructor arguments the weights cannot tell (IGNN's k, window, ...).
     """
-    arch, config, state = read_checkpoint(path, map_location)
-    model = _ARCHS[arch](**{**config, **overrides})
-    load_into(model, state)
+    arch, config, state = read_checkpoint(path, map_location, **overrides)
+    model = _ARCHS[arch](**config)
+    model.load_state_dict(state, strict=True)
     return model.eval().to(map_location)
 
 

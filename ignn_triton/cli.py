@@ -9,6 +9,7 @@ import io
 import json
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -213,8 +214,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="average the 8 flip/transpose variants (8x slower)")
 
 
+def one_line_warnings(prog: str = "ignn-triton") -> None:
+    """Print warnings as `prog: warning: message`, not Python's file:line and source."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    one_line_warnings()
     if argv[:1] == ["train"]:  # the trainer owns its (long) argument list
         from .train import main as train_main
         return train_main(argv[1:])

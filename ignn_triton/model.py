@@ -13,6 +13,57 @@ from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGE
 from .profiling import stage
 
 SCALES = (2, 3, 4)
+# Upper bounds on the model's size: 4x the paper's width (256) and 8x its depth (32), so a
+# config from an untrusted file cannot ask for terabytes or for a billion modules.
+MAX_FEATS = 1024
+MAX_RESBLOCKS = 256
+MAX_K = 64
+MAX_PATCH = 15
+MAX_WINDOW = 1024
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_problems(arch: str, config: dict) -> list[str]:
+    """Everything wrong with a constructor config of IGNN or EDSR (unknown or missing keys,
+    wrong types, values outside the model's limits); [] when it is valid. Checked before
+    anything is allocated."""
+    bounds = {"n_feats": (1, MAX_FEATS), "n_resblocks": (1, MAX_RESBLOCKS)}
+    if arch == "IGNN":
+        bounds.update(k=(1, MAX_K), patch_size=(1, MAX_PATCH), stride=(1, MAX_PATCH),
+                      window=(1, MAX_WINDOW))
+    known = {"scale", "res_scale", *bounds}
+    problems = [f"unknown config key {key!r}" for key in sorted(set(config) - known)]
+    problems += [f"config lacks {key!r}" for key in sorted(known - set(config))]
+    if "scale" in config and (not _is_int(config["scale"]) or config["scale"] not in SCALES):
+        problems.append(f"scale must be one of {SCALES}; got {config['scale']!r}")
+    for key, (lo, hi) in bounds.items():
+        if key in config and not (_is_int(config[key]) and lo <= config[key] <= hi):
+            problems.append(f"{key} must be an integer in [{lo}, {hi}]; got {config[key]!r}")
+    res_scale = config.get("res_scale", 1.0)
+    if (not isinstance(res_scale, (int, float)) or isinstance(res_scale, bool)
+            or not math.isfinite(res_scale) or not 0 < res_scale <= 10):
+        problems.append(f"res_scale must be a number in (0, 10]; got {res_scale!r}")
+    if problems or arch != "IGNN":
+        return problems
+    if config["n_resblocks"] % 2:
+        problems.append(f"n_resblocks must be even (two halves around the graph "
+                        f"aggregation); got {config['n_resblocks']}")
+    if config["stride"] > config["patch_size"]:
+        problems.append(f"stride must be <= patch_size (patches must cover the image); got "
+                        f"stride {config['stride']}, patch_size {config['patch_size']}")
+    if config["window"] ** 2 < config["k"]:
+        problems.append(f"a {config['window']}x{config['window']} window holds fewer than "
+                        f"k = {config['k']} candidates")
+    return problems
+
+
+def _check_config(arch: str, config: dict) -> None:
+    problems = config_problems(arch, config)
+    if problems:
+        raise ValueError(f"invalid {arch} config: " + "; ".join(problems))
 
 
 def graph_scale(scale: int) -> int:
@@ -66,15 +117,10 @@ class IGNN(nn.Module):
                  res_scale: float = 0.1, k: int = 5, patch_size: int = 3, stride: int = 2,
                  window: int = 30):
         super().__init__()
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}; got {scale}")
-        if window * window < k:
-            raise ValueError(f"a {window}x{window} window holds fewer than k = {k} candidates")
-        if n_resblocks < 2 or n_resblocks % 2:
-            raise ValueError(f"n_resblocks must be an even number >= 2; got {n_resblocks}")
         self.config = dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks,
                            res_scale=res_scale, k=k, patch_size=patch_size, stride=stride,
                            window=window)
+        _check_config("IGNN", self.config)
         self.scale = scale
         self.graph_scale = s = graph_scale(scale)
         self.patch_size = patch_size
@@ -95,8 +141,8 @@ class IGNN(nn.Module):
         if scale == 4:
             self.tail = nn.Sequential(nn.Sequential(conv(C, 4 * C, 3), nn.PixelShuffle(2)),
                                       conv_block(C, 3, 3))
-        else:
-            self.tail = nn.Sequential(conv(C, 3, 3))
+        else:  # the released code wraps even this single conv: keys `tail.0.0.*`
+            self.tail = nn.Sequential(conv_block(C, 3, 3))
         self._register_load_state_dict_pre_hook(drop_embedcnn_alias)
 
     def valid_size(self, h: int, w: int) -> tuple[int, int]:
@@ -161,10 +207,9 @@ class EDSR(nn.Module):
     def __init__(self, scale: int = 4, n_feats: int = 256, n_resblocks: int = 32,
                  res_scale: float = 0.1):
         super().__init__()
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}; got {scale}")
         self.config = dict(scale=scale, n_feats=n_feats, n_resblocks=n_resblocks,
                            res_scale=res_scale)
+        _check_config("EDSR", self.config)
         self.scale = scale
         C = n_feats
         self.sub_mean = MeanShift(255.0, EDSR_RGB_MEAN, sign=-1)  # works on 255 * x

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import CheckpointError, load_into, read_checkpoint, save_model
+from .checkpoint import (CheckpointError, is_safetensors, is_training_checkpoint, load_into,
+                         load_torch_file, read_checkpoint, save_model, state_problems)
 from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, quantise, read_array,
                      read_image)
 from .imresize import imresize
@@ -247,7 +248,7 @@ def edsr_to_ignn(state: dict, model: IGNN) -> dict:
     if len(ups_keys) != len(targets):
         raise CheckpointError(f"EDSR checkpoint has {len(ups_keys)} upsampler convs; a "
                               f"x{model.scale} IGNN needs {len(targets)}")
-    last = "tail.1.0" if model.scale == 4 else "tail.0"
+    last = "tail.1.0" if model.scale == 4 else "tail.0.0"
     for src, dst in list(zip(ups_keys, targets)) + [("tail.1", last)]:
         for p in ("weight", "bias"):
             out[f"{dst}.{p}"] = state[f"{src}.{p}"]
@@ -259,21 +260,52 @@ def edsr_to_ignn(state: dict, model: IGNN) -> dict:
     return out
 
 
+def _last_conv(scale: int) -> str:
+    """The IGNN's last convolution (C -> 3): after the x4 tail's upsampler, or alone."""
+    return "tail.1.0" if scale == 4 else "tail.0.0"
+
+
+def ignn_across_scales(state: dict, source_scale: int, model: IGNN) -> tuple[dict, list[str]]:
+    """Map an IGNN of another scale onto model: every tensor with the same name and shape
+    (backbone, graph aggregation, fuse layers; the upsampler too between x2 and x4, whose
+    graph scale is 2 for both), and the last convolution (C -> 3). Returns the mapped
+    tensors and the layers left at their initialisation."""
+    src, dst = _last_conv(source_scale), _last_conv(model.scale)
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("tail."):
+            if not key.startswith(src + "."):
+                continue
+            key = dst + key[len(src):]
+        mapped[key] = value
+    expected = model.state_dict()
+    out = {k: v for k, v in mapped.items() if k in expected and expected[k].shape == v.shape}
+    left = sorted({k.rsplit(".", 1)[0] for k in expected if k not in out})
+    return out, left
+
+
 def initialise(model: IGNN, path: Path) -> str:
-    """Load a released IGNN checkpoint (everything) or an EDSR one (backbone only)."""
+    """Load an IGNN checkpoint (all of it; from another scale, what fits: see
+    `ignn_across_scales`) or an EDSR one of the same scale (backbone only)."""
     arch, config, state = read_checkpoint(path)
-    if config["scale"] != model.scale:
-        raise CheckpointError(f"{path}: a x{config['scale']} {arch} checkpoint cannot "
+    if arch == "EDSR" and config["scale"] != model.scale:
+        raise CheckpointError(f"{path}: a x{config['scale']} EDSR checkpoint cannot "
                               f"initialise a x{model.scale} model (pass --scale "
                               f"{config['scale']} or another checkpoint)")
     if arch == "IGNN":
         # k, window and res_scale are not in a released checkpoint: the run's own apply
-        config = {**config, **{key: model.config[key] for key in ("k", "window", "res_scale")}}
-        if any(model.config[key] != value for key, value in config.items()):
-            raise CheckpointError(f"{path}: IGNN config {config} differs from the model "
+        fixed = ("n_feats", "n_resblocks", "patch_size", "stride")
+        differ = {key: config[key] for key in fixed if config[key] != model.config[key]}
+        if differ:
+            raise CheckpointError(f"{path}: IGNN config {differ} differs from the model "
                                   f"being trained {model.config}")
-        load_into(model, state)
-        return f"IGNN weights from {path}"
+        if config["scale"] == model.scale:
+            load_into(model, state)
+            return f"IGNN weights from {path}"
+        mapped, left = ignn_across_scales(state, config["scale"], model)
+        model.load_state_dict(mapped, strict=False)
+        return (f"IGNN x{config['scale']} weights from {path} for a x{model.scale} model ("
+                + (f"{', '.join(left)} at random)" if left else "every layer fits)"))
     model.load_state_dict(edsr_to_ignn(state, model), strict=False)
     return f"EDSR backbone from {path}"
 
@@ -327,25 +359,104 @@ def save_checkpoint(path: Path, **state) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _resume_problems(ckpt: dict, args) -> list[str]:
+    """Everything wrong with a training checkpoint's parts (types, shapes, step, RNG) for a
+    run with these args; checked before anything is restored or written."""
+    problems = []
+    step = ckpt["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problems.append(f"step must be a non-negative integer; got {step!r}")
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = build_model(args)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for part in ("model", "ema"):
+        state = ckpt.get(part)
+        if part == "ema" and state is None:
+            continue
+        if not isinstance(state, dict) or not all(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            problems.append(f"{part}: expected a state_dict of tensors; got "
+                            f"{type(state).__name__}")
+            continue
+        problems += [f"{part}: {problem}" for problem in state_problems(expected, state)]
+    if args.ema is not None and ckpt.get("ema") is None:
+        problems.append("ema: missing, but the run keeps an EMA (--ema)")
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    optimiser = ckpt.get("optimiser")
+    groups = optimiser.get("param_groups") if isinstance(optimiser, dict) else None
+    state = optimiser.get("state") if isinstance(optimiser, dict) else None
+    if (not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != 1
+            or not isinstance(groups[0], dict)
+            or groups[0].get("params") != list(range(len(shapes)))):
+        problems.append(f"optimiser: expected Adam's state_dict over the model's "
+                        f"{len(shapes)} trainable tensors")
+    else:
+        for i, moments in state.items():
+            if not isinstance(i, int) or not 0 <= i < len(shapes) or not isinstance(moments, dict):
+                problems.append(f"optimiser: state entry {i!r} is not one of the parameters'")
+                continue
+            for name in ("exp_avg", "exp_avg_sq"):
+                value = moments.get(name)
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != shapes[i]:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                    problems.append(f"optimiser: parameter {i} {name} is {got!r}, expected "
+                                    f"a tensor of shape {shapes[i]}")
+    scheduler = ckpt.get("scheduler")
+    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != step:
+        got = scheduler.get("last_epoch") if isinstance(scheduler, dict) else scheduler
+        problems.append(f"scheduler: expected a LambdaLR state_dict at step {step!r}; got "
+                        f"last_epoch {got!r}")
+    scaler = ckpt.get("scaler")
+    if not isinstance(scaler, dict) or (args.amp == "fp16" and not (
+            isinstance(scaler.get("scale"), (int, float)) and math.isfinite(scaler["scale"])
+            and scaler["scale"] > 0)):
+        problems.append(f"scaler: expected a GradScaler state_dict with a positive finite "
+                        f"scale; got {scaler!r:.80}")
+    rng = ckpt.get("rng")
+    expected_rng = torch.get_rng_state()
+    cpu = rng.get("torch") if isinstance(rng, dict) else None
+    if (not isinstance(cpu, torch.Tensor) or cpu.dtype != expected_rng.dtype
+            or cpu.shape != expected_rng.shape):
+        problems.append(f"rng: expected torch's CPU generator state, a {expected_rng.dtype} "
+                        f"tensor of shape {tuple(expected_rng.shape)}")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                torch.set_rng_state(cpu)
+            except RuntimeError as e:
+                problems.append(f"rng: not a valid generator state ({e})")
+    return problems
+
+
 def load_checkpoint(path: Path, args) -> dict:
-    """A training checkpoint, checked against args before anything is restored."""
+    """A training checkpoint, checked in full against args before anything is restored:
+    one CheckpointError listing every problem."""
+    if is_safetensors(path):
+        raise CheckpointError(f"{path}: model weights (safetensors), not a training checkpoint "
+                              "of ignn_triton.train (use --init for model weights)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable training checkpoint "
-                              f"({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        ckpt = load_torch_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"not a readable training checkpoint: {e}") from None
+    if not is_training_checkpoint(ckpt):
         raise CheckpointError(f"{path}: not a training checkpoint of ignn_triton.train "
                               "(use --init for model weights)")
     saved = ckpt["args"]
-    if saved["scale"] != args.scale:
-        raise CheckpointError(f"{path}: checkpoint of a x{saved['scale']} model; this run is "
-                              f"x{args.scale}")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its 'args' must be the run's arguments (a dict); got "
+                              f"{type(saved).__name__}")
+    if saved.get("scale") != args.scale:
+        raise CheckpointError(f"{path}: checkpoint of a x{saved.get('scale')} model; this run "
+                              f"is x{args.scale}")
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
               for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
     if differ:
         raise CheckpointError(f"{path}: resuming needs the same settings as the run that wrote "
                               f"it; it used " + ", ".join(differ))
+    problems = _resume_problems(ckpt, args)
+    if problems:
+        raise CheckpointError(f"{path}: a damaged training checkpoint:\n  "
+                              + "\n  ".join(problems[:12]))
     return ckpt
 
 
@@ -618,6 +729,8 @@ def _write_rows(path, fields, rows) -> None:
 
 
 def main(argv=None) -> int:
+    from .cli import one_line_warnings
+    one_line_warnings("ignn-triton train")
     args = parse_args(argv)
     try:
         train(args)

@@ -36,7 +36,7 @@ def test_demo_with_weights_and_a_bad_checkpoint(tmp_path, capsys):
     assert "(128, 128) -> (256, 256) x2" in capsys.readouterr().out
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     assert main(["demo", "--weights", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "p")]) == 2
-    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    assert "not a checkpoint (neither safetensors nor a torch file)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
 

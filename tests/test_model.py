@@ -155,8 +155,12 @@ def test_bad_config_is_refused():
         IGNN(scale=5)
     with pytest.raises(ValueError, match="window holds fewer than k"):
         IGNN(k=5, window=2)
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match="n_resblocks must be even"):
         IGNN(n_resblocks=3)
+    with pytest.raises(ValueError, match=r"n_resblocks must be an integer in \[1, 256\]"):
+        IGNN(n_resblocks=10 ** 9)  # refused at once, nothing allocated
+    with pytest.raises(ValueError, match="res_scale must be a number"):
+        EDSR(res_scale=float("nan"))
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

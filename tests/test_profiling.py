@@ -156,7 +156,7 @@ def test_nvtx_ranges_balanced_and_named(ranges_on, monkeypatch):
     # a partial backward (to the tail's weight) still closes the one range it opened
     fake.calls.clear()
     loss = model(x).square().mean()
-    torch.autograd.grad(loss, model.tail[0].weight, retain_graph=True)
+    torch.autograd.grad(loss, model.tail[0][0].weight, retain_graph=True)
     (_, name, rid), end = [c for c in fake.calls if c[0] in ("start", "end")]
     assert name == "ignn/tail/backward" and end == ("end", rid)
     # a second backward through the same graph opens and closes them all again

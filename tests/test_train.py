@@ -250,10 +250,15 @@ def test_bad_input_fails_before_training(data, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     _fails(["--data", data / "train", *base, "--out", tmp_path / "file"], capsys, "is a file")
     assert not (tmp_path / "o").exists()  # nothing written by any of the above
-    # a x2 checkpoint cannot initialise or resume a x4 run
+    # an IGNN of another width cannot initialise the run; an EDSR of another scale neither
+    save_model(IGNN(scale=4, n_feats=4, n_resblocks=2), tmp_path / "c4.safetensors")
+    _fails(["--data", data / "train", *base, "--init", tmp_path / "c4.safetensors",
+            "--out", tmp_path / "o"], capsys, "IGNN config {'n_feats': 4} differs")
+    save_model(EDSR(scale=2, n_feats=8, n_resblocks=2), tmp_path / "edsr2.safetensors")
+    _fails(["--data", data / "train", *base, "--init", tmp_path / "edsr2.safetensors",
+            "--out", tmp_path / "o"], capsys, "x2 EDSR checkpoint cannot initialise a x4")
+    # a x2 checkpoint cannot resume a x4 run
     save_model(IGNN(scale=2, n_feats=8, n_resblocks=2), tmp_path / "x2.safetensors")
-    _fails(["--data", data / "train", *base, "--init", tmp_path / "x2.safetensors",
-            "--out", tmp_path / "o"], capsys, "x2 IGNN checkpoint cannot initialise a x4")
     x2 = [a if a != "4" else "2" for a in base]
     _run(["--data", data / "train", *x2, "--out", tmp_path / "x2run"])
     _fails(["--data", data / "train", *base, "--resume", tmp_path / "x2run" / "last.pt",
@@ -268,6 +273,73 @@ def test_bad_input_fails_before_training(data, tmp_path, capsys):
     _fails(["--data", data / "train", *x2, "--resume", tmp_path / "truncated.pt",
             "--out", tmp_path / "o"], capsys, "not a readable training checkpoint")
     assert not (tmp_path / "o").exists()
+
+
+def test_init_across_scales_maps_what_fits(data, tmp_path):
+    """A x2 IGNN initialises a x4 run: everything but the x4 upsampler conv (tail.0.0);
+    its last conv becomes the x4 model's tail.1.0."""
+    torch.manual_seed(2)
+    source = IGNN(scale=2, n_feats=8, n_resblocks=2, res_scale=1.0)
+    model = IGNN(scale=4, n_feats=8, n_resblocks=2, res_scale=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_model(source, tmp_path / "x2.safetensors")
+    message = trainer.initialise(model, tmp_path / "x2.safetensors")
+    assert message.endswith("for a x4 model (tail.0.0 at random)")
+    for key, value in model.state_dict().items():
+        if key.startswith("tail.0.0."):
+            assert torch.equal(value, before[key]), key
+        elif key.startswith("tail.1.0."):
+            assert torch.equal(value, source.state_dict()["tail.0.0." + key[9:]]), key
+        else:
+            assert torch.equal(value, source.state_dict()[key]), key
+
+
+def _damage(ckpt: dict, part: str) -> dict:
+    ckpt = {**ckpt}
+    if part == "no optimiser":
+        del ckpt["optimiser"]
+    elif part == "misshaped model":
+        ckpt["model"] = {**ckpt["model"], "head.0.weight": torch.zeros(8, 3, 5, 5)}
+    elif part == "misshaped moments":
+        state = {**ckpt["optimiser"]["state"], 0: {**ckpt["optimiser"]["state"][0],
+                                                    "exp_avg": torch.zeros(3)}}
+        ckpt["optimiser"] = {**ckpt["optimiser"], "state": state}
+    elif part == "float step":
+        ckpt["step"] = 1.5
+    elif part == "bad rng":
+        ckpt["rng"] = {"torch": torch.zeros(7, dtype=torch.uint8)}
+    elif part == "int weights":
+        ckpt["model"] = {k: v.long() for k, v in ckpt["model"].items()}
+    elif part == "args not a dict":
+        ckpt["args"] = [1, 2]
+    return ckpt
+
+
+@pytest.mark.parametrize("part, needle", [
+    ("no optimiser", "optimiser: expected Adam's state_dict"),
+    ("misshaped model", "model: head.0.weight: shape (8, 3, 5, 5), expected (8, 3, 3, 3)"),
+    ("misshaped moments", "optimiser: parameter 0 exp_avg is (3,), expected a tensor of shape"),
+    ("float step", "step must be a non-negative integer; got 1.5"),
+    ("bad rng", "rng: expected torch's CPU generator state"),
+    ("int weights", "expected a floating-point tensor"),
+    ("args not a dict", "its 'args' must be the run's arguments"),
+])
+def test_a_damaged_training_checkpoint_is_refused_before_anything_is_written(
+        data, tmp_path_factory, tmp_path, capsys, part, needle):
+    run = tmp_path_factory.getbasetemp() / "resume_source"
+    args = ["--data", data / "train", *TINY, "--steps", "2", "--workers", "0"]
+    if not (run / "last.pt").exists():
+        _run([*args, "--steps", "1", "--out", run])
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    torch.save(_damage(ckpt, part), tmp_path / "last.pt")
+    _fails([*args, "--resume", tmp_path / "last.pt", "--out", tmp_path / "o"], capsys,
+           str(tmp_path / "last.pt"), needle)
+    assert not (tmp_path / "o").exists()
+    # --init takes the same file as weights: the same checks on the weights
+    if part in ("misshaped model", "int weights"):
+        _fails([*args, "--init", tmp_path / "last.pt", "--out", tmp_path / "o"], capsys,
+               needle.removeprefix("model: "))
+        assert not (tmp_path / "o").exists()
 
 
 def test_crash_mid_save_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
