@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .images import (IMAGE_EXTENSIONS, atomic_write, quantise, read_array, read_image, write_array,
-                     write_image)
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write, quantise, read_array,
+                     read_image, write_array, write_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
+from .upscale import MemoryBudgetError, check_tile, peak_memory
 
 BUNDLED_IMAGE = "astronaut.png"  # 256x256 crop of NASA's public-domain portrait (skimage)
 
@@ -88,7 +89,7 @@ def upscale_cmd(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: output path exists and is not a folder")
     files = _collect_inputs(args.inputs)
-    _check_tile(args)
+    check_tile(args.tile, args.tile_overlap)
     ext = args.ext.lower().lstrip(".") if args.ext else None
     if ext is not None and "." + ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"--ext {args.ext!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
@@ -108,31 +109,69 @@ def upscale_cmd(args: argparse.Namespace) -> int:
         if target.resolve() in {t.resolve() for t in targets.values()}:
             raise ValueError(f"{target}: two inputs would write the same output file")
         targets[f] = target
-    for f in files:  # decode everything first: a corrupt file stops the run before any write
-        array = read_array(f)
+    plans = {}
+    for f in files:  # every file and its memory plan first: nothing is written on a refusal
+        array = read_array(f, args.max_pixels)
         if targets[f].suffix.lower() in (".jpg", ".jpeg") and array.ndim == 3 \
                 and array.shape[2] == 4:
             raise ValueError(f"{f}: has an alpha channel, which JPEG cannot store; use --ext png")
+        size = array.shape[:2]
+        if size not in plans:
+            try:
+                plans[size] = upscaler.plan(*size, args.tile, args.tile_overlap,
+                                            args.max_memory, args.self_ensemble)
+            except MemoryBudgetError as e:
+                raise ValueError(f"{f}: {e}") from None
+    for size, plan in plans.items():
+        print(f"{size[1]}x{size[0]} inputs: {plan.describe()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, desc="images", unit="image", disable=len(files) == 1):
-        array = read_array(f)
+        array = read_array(f, args.max_pixels)
         start = time.perf_counter()
-        sr = upscaler(array, tile=args.tile, tile_overlap=args.tile_overlap,
-                      self_ensemble=args.self_ensemble, progress=True)
+        if upscaler.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(upscaler.device)
+        sr = upscaler(array, tile=plans[array.shape[:2]].tile or 0,
+                      tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble,
+                      progress=True, max_memory=args.max_memory)
         seconds = time.perf_counter() - start
         write_array(sr, targets[f])
+        plan = upscaler.last_plan
         tqdm.write(f"{f}: {array.shape[1]}x{array.shape[0]} -> {sr.shape[1]}x{sr.shape[0]} in "
-                   f"{seconds:.2f} s on {upscaler.device.type} ({upscaler.precision}) -> "
-                   f"{targets[f]}")
+                   f"{seconds:.1f} s on {upscaler.device.type} ({upscaler.precision}), "
+                   f"{'untiled' if plan.tile is None else f'tile {plan.tile}'}, peak "
+                   f"{'RSS' if upscaler.device.type == 'cpu' else 'allocated'} "
+                   f"{peak_memory(upscaler.device) / 2 ** 30:.2f} GiB -> {targets[f]}")
     return 0
 
 
-def _check_tile(args: argparse.Namespace) -> None:
-    if args.tile_overlap < 0:
-        raise ValueError(f"--tile-overlap must be >= 0; got {args.tile_overlap}")
-    if args.tile is not None and args.tile <= args.tile_overlap:
-        raise ValueError(f"--tile ({args.tile}) must be larger than --tile-overlap "
-                         f"({args.tile_overlap})")
+def parse_tile(text: str):
+    """--tile: 'auto', 0 (never tile) or a positive size."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a size; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a size; got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def parse_memory(text: str) -> int:
+    """--max-memory: bytes, or a number with K, M, G or T (binary units): 6G, 512M, 1.5G."""
+    number, unit = text.strip().upper().rstrip("IB"), ""
+    if number and number[-1] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 6G or 512M; got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive size; got {text!r}")
+    return int(value)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -148,7 +187,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
     S = args.scale
     hr_files = _collect_inputs([args.hr])
-    _check_tile(args)
+    check_tile(args.tile, args.tile_overlap)
     upscaler = Upscaler(args.weights, device=args.device, precision=args.precision)
     if upscaler.scale != S:
         raise ValueError(f"--scale {S} is not supported by {args.weights}, which is a "
@@ -174,7 +213,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
             lr = quantise(imresize(hr, 1 / S))  # 8-bit LR, as MATLAB's benchmarks store it
         bicubic = imresize(lr, S).clamp(0, 1)
         sr = upscaler(lr, tile=args.tile, tile_overlap=args.tile_overlap,
-                      self_ensemble=args.self_ensemble)
+                      self_ensemble=args.self_ensemble, max_memory=args.max_memory)
         rows.append(dict(image=f.name, width=hr.shape[3], height=hr.shape[2],
                          bicubic_psnr=psnr_y(bicubic, hr, S), bicubic_ssim=ssim_y(bicubic, hr, S),
                          model_psnr=psnr_y(sr, hr, S), model_ssim=ssim_y(sr, hr, S)))
@@ -206,10 +245,19 @@ WEIGHTS_HELP = ("'builtin' (default: the x4 weights shipped in the package) or a
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="builtin", help=WEIGHTS_HELP)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--tile", type=int, help="process LR tiles of this size (saves memory)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="tile overlap in LR pixels")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (default: auto, CUDA when available)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: auto, bf16 on CUDA and fp32 on the CPU")
+    p.add_argument("--tile", type=parse_tile, default="auto",
+                   help="LR tile size: 'auto' (default: the whole image when its predicted "
+                   "peak memory fits --max-memory, else the largest tile that fits), 0 "
+                   "(never tile) or a size")
+    p.add_argument("--tile-overlap", type=int, default=32,
+                   help="tile overlap in LR pixels (default: 32)")
+    p.add_argument("--max-memory", type=parse_memory, metavar="SIZE",
+                   help="memory budget for --tile auto, e.g. 6G (default: 70%% of the "
+                   "available RAM, 85%% of the free GPU memory on CUDA)")
     p.add_argument("--self-ensemble", action="store_true",
                    help="average the 8 flip/transpose variants (8x slower)")
 
@@ -238,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--ext", help="output format (png, jpg, ...); default: the input's")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images that declare more pixels, before decoding "
+                   f"(default: {MAX_PIXELS}, which admits 12000x12000)")
     p.set_defaults(run=upscale_cmd)
     p = commands.add_parser("eval", help="PSNR/SSIM (Y) of bicubic and the model on HR images")
     p.add_argument("--hr", required=True, type=Path, help="folder of HR images")

@@ -9,6 +9,8 @@ half-written file.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import struct
 import tempfile
@@ -20,6 +22,9 @@ import torch
 from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Images declaring more pixels are refused before decoding (image_size, read_array): the
+# default admits 12000 x 12000 (144 MP) and refuses the 200000 x 200000 of a tiny hostile PNG.
+MAX_PIXELS = 150_000_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # read and written
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
 
@@ -145,21 +150,57 @@ def _from_pil(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_array(path) -> np.ndarray:
+@contextlib.contextmanager
+def _pixel_limit():
+    """Pillow's own decompression-bomb check off (it warns above 89 MP and fails above
+    179 MP, whatever our limit): callers check the declared size with _check_pixels
+    before anything is decoded."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width == 0 or height == 0:
+        raise ValueError(f"image is {width}x{height}; it must be at least 1x1")
+    if width * height > max_pixels:
+        raise ValueError(f"image declares {width}x{height} = {width * height / 1e6:.0f} MP, "
+                         f"more than the limit of {max_pixels / 1e6:.0f} MP (raise it with "
+                         f"--max-pixels / max_pixels= if the file is genuine)")
+
+
+def image_size(path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(H, W) from the file's header, without decoding; ValueError naming the file if it
+    is not a readable image or declares more than max_pixels pixels."""
+    path = Path(path)
+    try:
+        with _pixel_limit(), Image.open(path) as img:
+            width, height = img.size
+        _check_pixels(path, width, height, max_pixels)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+    return height, width
+
+
+def read_array(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file as stored: (H, W), (H, W, 3) or (H, W, 4), uint8 or uint16.
-    Raises ValueError naming the file for anything unreadable, truncated or empty."""
+    Raises ValueError naming the file for anything unreadable, truncated or empty, or
+    declaring more than max_pixels pixels (checked before decoding)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
         if data[:8] == PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
             width, height = struct.unpack(">II", data[16:24])
-            if width == 0 or height == 0:
-                raise ValueError(f"image is {width}x{height}; it must be at least 1x1")
+            _check_pixels(path, width, height, max_pixels)
         if data[:8] == PNG_SIGNATURE and len(data) >= 25 and data[24] == 16:
             array = _read_png16(data)
         else:
-            with Image.open(path) as img:
+            with _pixel_limit(), Image.open(io.BytesIO(data)) as img:
+                _check_pixels(path, *img.size, max_pixels)
                 img.load()
                 array = _from_pil(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

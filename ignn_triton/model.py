@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .imresize import imresize
 from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGEmbedding, conv,
@@ -13,6 +14,7 @@ from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGE
 from .profiling import stage
 
 SCALES = (2, 3, 4)
+_HR_BAND_BYTES = 128 << 20  # the largest map of one band of the inference HR stage
 # Upper bounds on the model's size: 4x the paper's width (256) and 8x its depth (32), so a
 # config from an untrusted file cannot ask for terabytes or for a billion modules.
 MAX_FEATS = 1024
@@ -80,7 +82,7 @@ def check_image(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be (B, 3, H, W) float RGB in [0, 1]; got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} must be (B, 3, H, W) with B, H, W >= 1; got {tuple(x.shape)}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not is_fake(x):  # values: not under tracing
         lo, hi = torch.aminmax(x.detach())
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise ValueError(f"{name} holds NaN or inf values")
@@ -174,21 +176,74 @@ class IGNN(nn.Module):
             ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
         with stage("ignn/head") as st:
             x0 = st.outputs(self.head(self.sub_mean(255.0 * st.inputs(x))))
+        del x, x_son
         with stage("ignn/body1") as st:
             x1 = st.outputs(self.body1(st.inputs(x0)))
         x1_lr, x1_hr = self.gcn(x1, ye, xe)
+        del ye, xe
         with stage("ignn/fuse") as st:
             x1, x1_lr = st.inputs(x1, x1_lr)
             x1 = st.outputs(self.fuse_b(torch.cat([x1, x1_lr], 1)))
+        del x1_lr
         with stage("ignn/body2") as st:
             x1, x0 = st.inputs(x1, x0)
             x2 = st.outputs(self.body2(x1) + x0)
+        del x0, x1
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            y = self._hr_stage(x2, x1_hr)
+        else:
+            y = self._hr_stage_banded(x2, x1_hr)
+        return y[..., : self.scale * H, : self.scale * W]
+
+    def _hr_stage(self, x2: torch.Tensor, x1_hr: torch.Tensor) -> torch.Tensor:
+        """upsample, fuse_up, tail: x2 (B, C, H, W), x1_hr (B, C, sH, sW) -> (B, 3, SH, SW)."""
         with stage("ignn/upsample") as st:
             x2, x1_hr = st.inputs(x2, x1_hr)
             u = st.outputs(self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1)))
         with stage("ignn/tail") as st:
-            y = st.outputs(self.add_mean(self.tail(st.inputs(u))) / 255.0)
-        return y[..., : self.scale * H, : self.scale * W]
+            return st.outputs(self.add_mean(self.tail(st.inputs(u))) / 255.0)
+
+    def hr_halo(self) -> int:
+        """LR rows of x2 beyond a band that the HR stage's rows in the band depend on: 1 for
+        the upsampler's 3x3 conv, then 3x3 convs at scale s (fuse_up: 2; a x4 tail: 1) and
+        at scale S (a x4 tail: 1), each a row at its own scale."""
+        s, S = self.graph_scale, self.scale
+        return 1 + math.ceil(2 / s + (1 / s + 1 / S if S == 4 else 1 / s))
+
+    def _band_rows(self, batch: int, width: int, element_size: int) -> int:
+        """LR rows per band of the inference HR stage: its largest map, (B, 4C, s rows, sW)
+        per LR row, stays under _HR_BAND_BYTES; at least 16 rows (the halo's cost)."""
+        s, C = self.graph_scale, self.config["n_feats"]
+        return max(16, _HR_BAND_BYTES // (batch * 4 * C * s * s * width * element_size))
+
+    def progress_steps(self, height: int, width: int, element_size: int = 4) -> dict[str, int]:
+        """How many times each top-level stage module runs in one inference forward of a
+        (1, 3, height, width) image: {module name: calls}, for progress bars."""
+        Hp, Wp = self.valid_size(height, width)
+        bands = -(-Hp // self._band_rows(1, Wp, element_size))
+        return {"vggnet": 2, "head": 1, "body1": 1, "gcn": 1, "fuse_b": 1, "body2": 1,
+                "tail": bands}
+
+    def _hr_stage_banded(self, x2: torch.Tensor, x1_hr: torch.Tensor) -> torch.Tensor:
+        """_hr_stage in bands of LR rows, each computed with hr_halo() rows of context on
+        either side (or the map's own zero padding at its edges) and cropped: the same
+        values as the whole map (bit-identical on the CPU: every output row sees the same
+        inputs through the same convolutions), in a band's memory instead of the
+        (B, 4C, sH, sW) and (B, C, SH, SW) maps of the whole image. Inference only."""
+        B, C, H, W = x2.shape
+        s, S, halo = self.graph_scale, self.scale, self.hr_halo()
+        rows = self._band_rows(B, W, x2.element_size())
+        if rows >= H:
+            return self._hr_stage(x2, x1_hr)
+        y = None
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            a0, a1 = max(0, r0 - halo), min(H, r1 + halo)
+            band = self._hr_stage(x2[:, :, a0:a1], x1_hr[:, :, s * a0: s * a1])
+            if y is None:  # (B, 3, SH, SW) in the band's dtype
+                y = band.new_empty(B, 3, S * H, S * W)
+            y[:, :, S * r0: S * r1] = band[:, :, S * (r0 - a0): S * (r1 - a0)]
+        return y
 
 
 def drop_embedcnn_alias(state_dict, prefix, *args):

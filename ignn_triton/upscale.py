@@ -9,7 +9,11 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +23,64 @@ from PIL import Image
 from .checkpoint import load_model
 from .images import array_to_tensor
 from .imresize import imresize
+from .memory import estimate_memory
+from .model import EDSR, IGNN
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The tile sizes `tile="auto"` chooses from, largest first; the smallest is the last resort.
+TILE_SIZES = (1024, 896, 768, 640, 512, 448, 384, 320, 256, 192, 128, 96, 64)
+# Default memory budget: this fraction of the memory available when the run starts
+# (MemAvailable of /proc/meminfo on the CPU, free memory of the device on CUDA).
+MEMORY_FRACTION = {"cpu": 0.7, "cuda": 0.85}
+
+
+ESTIMATED = (IGNN, EDSR)  # the models whose memory `estimate_memory` predicts
+
+
+class MemoryBudgetError(ValueError):
+    """An image that cannot be upscaled within the memory budget, even in the smallest tiles."""
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image is processed: tile None (the whole image at once) or a tile size, the
+    predicted peak bytes (`Upscaler.memory_needed`) and the budget it was chosen for."""
+    tile: int | None
+    peak: int
+    budget: int
+
+    def describe(self) -> str:
+        how = "untiled" if self.tile is None else f"tile {self.tile}"
+        if not self.peak:
+            return f"{how} (no memory estimate for this model)"
+        return f"{how} (predicted peak {_gib(self.peak)} of a {_gib(self.budget)} budget)"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated now: free device memory on CUDA, MemAvailable on Linux
+    (else the free physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device: torch.device) -> int:
+    """The peak bytes of this process so far: allocated on CUDA (since the last reset),
+    resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _resolve_device(device) -> torch.device:
@@ -104,8 +164,91 @@ class Upscaler:
                              f"{type(weights).__name__}")
         self.scale = _model_scale(model)
         self.model = model.to(self.device)
+        self._module = self.model  # the nn.Module itself, for estimates and progress hooks
         if compile:
             self.model = torch.compile(self.model)
+        self._estimates: dict[tuple[int, int], int] = {}
+        self.last_plan: TilePlan | None = None
+
+    # --- memory -------------------------------------------------------------------------
+
+    def memory_needed(self, height: int, width: int, tile: int | None = None,
+                      self_ensemble: bool = False) -> int:
+        """Predicted peak bytes of upscaling an LR image of that size: the model's forward on
+        the whole image or on one tile (`estimate_memory`), plus the images outside the
+        model: the float32 output and its copies on the way to 8/16 bits (3x), and with
+        tiles the blending weights, or with self-ensembling its running sum."""
+        S = self.scale
+        out = 3 * S * S * height * width * 4
+        th, tw = (height, width) if tile is None else (min(tile, height), min(tile, width))
+        key = (th, tw)
+        if key not in self._estimates:
+            self._estimates[key] = estimate_memory(self._module, th, tw, self.dtype, self.device)
+        need = self._estimates[key] + 3 * out + 3 * height * width * 4
+        if tile is not None and (th, tw) != (height, width):
+            need += out // 3
+        if self_ensemble:
+            need += 2 * 3 * S * S * th * tw * 4
+        return need
+
+    def plan(self, height: int, width: int, tile="auto", tile_overlap: int = 32,
+             max_memory: int | None = None, self_ensemble: bool = False) -> TilePlan:
+        """The tile size for an LR image of that size. tile: "auto" (the whole image if its
+        predicted peak fits the budget, else the largest of TILE_SIZES that fits), 0 or None
+        (never tile), or a size. max_memory: the budget in bytes (default: MEMORY_FRACTION
+        of the memory available now). MemoryBudgetError if "auto" finds nothing that fits."""
+        budget = max_memory or int(MEMORY_FRACTION[self.device.type]
+                                   * available_memory(self.device))
+        if not isinstance(self._module, ESTIMATED):  # a model estimate_memory does not know
+            return TilePlan(None if tile in ("auto", 0, None) else tile, 0, budget)
+        if tile in (0, None) or (tile != "auto" and tile >= max(height, width)):
+            return TilePlan(None, self.memory_needed(height, width, None, self_ensemble), budget)
+        if tile != "auto":
+            return TilePlan(tile, self.memory_needed(height, width, tile, self_ensemble), budget)
+        whole = self.memory_needed(height, width, None, self_ensemble)
+        if whole <= budget:
+            return TilePlan(None, whole, budget)
+        sizes = [t for t in TILE_SIZES if tile_overlap < t < max(height, width)]
+        lo, hi, best = 0, len(sizes) - 1, None  # sizes descend; the need with them
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            need = self.memory_needed(height, width, sizes[mid], self_ensemble)
+            if need <= budget:
+                best, hi = TilePlan(sizes[mid], need, budget), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            smallest = sizes[-1] if sizes else None
+            need = self.memory_needed(height, width, smallest, self_ensemble)
+            raise MemoryBudgetError(
+                f"a {width}x{height} image needs about {_gib(need)} even in "
+                f"{smallest or 'whole'}-pixel tiles ({_gib(3 * 3 * self.scale ** 2 * height * width * 4)} "
+                f"of it for the x{self.scale} output image alone), more than the "
+                f"{_gib(budget)} budget; raise --max-memory, free memory, or use a smaller image")
+        return best
+
+    @contextlib.contextmanager
+    def _stage_progress(self, x: torch.Tensor, enabled: bool):
+        """A progress bar over the model's stages for an untiled image: forward hooks on
+        its top-level modules (those of `progress_steps`, when the model has it)."""
+        steps = getattr(self._module, "progress_steps", None)
+        if not enabled or steps is None:
+            yield
+            return
+        from tqdm import tqdm
+
+        counts = steps(*x.shape[-2:], self.dtype.itemsize)
+        bar = tqdm(total=sum(counts.values()), desc="stages", unit="stage", leave=False)
+        def advance(*args) -> None:  # a forward hook's non-None result replaces the output
+            bar.update()
+
+        hooks = [getattr(self._module, name).register_forward_hook(advance) for name in counts]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            bar.close()
 
     # --- tensor level -------------------------------------------------------------------
 
@@ -149,21 +292,24 @@ class Upscaler:
             bar.close()
         return out / weight
 
-    def upscale_tensor(self, x: torch.Tensor, tile: int | None = None, tile_overlap: int = 32,
-                       self_ensemble: bool = False, progress: bool = False) -> torch.Tensor:
+    def upscale_tensor(self, x: torch.Tensor, tile="auto", tile_overlap: int = 32,
+                       self_ensemble: bool = False, progress: bool = False,
+                       max_memory: int | None = None) -> torch.Tensor:
         """(1, 3, H, W) float in [0, 1] -> (1, 3, S H, S W) float32 on the CPU, clamped.
-        On CUDA out-of-memory, retries with half the tile size (printing one warning line)."""
-        if tile is not None and (tile < 1 or tile <= tile_overlap):
-            raise ValueError(f"tile ({tile}) must be larger than tile_overlap ({tile_overlap})")
-        if tile_overlap < 0:
-            raise ValueError(f"tile_overlap must be >= 0; got {tile_overlap}")
-        x = x.to(self.device, torch.float32)
+        tile: "auto", 0 / None (never tile) or a size (see `plan`; the plan used is kept in
+        `last_plan`). On CUDA out-of-memory, retries with half the tile size (printing one
+        warning line)."""
+        check_tile(tile, tile_overlap)
         H, W = x.shape[-2:]
+        plan = self.plan(H, W, tile, tile_overlap, max_memory, self_ensemble)
+        self.last_plan, tile = plan, plan.tile
+        x = x.to(self.device, torch.float32)
         overlap = tile_overlap
         while True:
             try:
                 if tile is None or tile >= max(H, W):
-                    return self._forward(x, self_ensemble).cpu().clamp(0, 1)
+                    with self._stage_progress(x, progress and not self_ensemble):
+                        return self._forward(x, self_ensemble).cpu().clamp(0, 1)
                 return self._tiled(x, tile, overlap, self_ensemble, progress).clamp(0, 1)
             except torch.cuda.OutOfMemoryError:
                 current = tile if tile is not None else max(H, W)
@@ -176,16 +322,18 @@ class Upscaler:
                     torch.cuda.empty_cache()
                 print(f"ignn-triton: warning: out of memory with tile {current}; retrying with "
                       f"tile {tile} (overlap {overlap})", file=sys.stderr)
+                self.last_plan = TilePlan(tile, self.last_plan.peak, self.last_plan.budget)
 
     # --- any image kind -----------------------------------------------------------------
 
-    def __call__(self, image, scale: int | None = None, tile: int | None = None,
-                 tile_overlap: int = 32, self_ensemble: bool = False, progress: bool = False):
+    def __call__(self, image, scale: int | None = None, tile="auto", tile_overlap: int = 32,
+                 self_ensemble: bool = False, progress: bool = False,
+                 max_memory: int | None = None):
         if scale is not None and scale != self.scale:
             raise ValueError(f"scale x{scale} requested but the model ({self.origin}) is "
                              f"x{self.scale}")
         run = dict(tile=tile, tile_overlap=tile_overlap, self_ensemble=self_ensemble,
-                   progress=progress)
+                   progress=progress, max_memory=max_memory)
         if isinstance(image, torch.Tensor):
             return self._tensor(image, run)
         if isinstance(image, Image.Image):
@@ -233,19 +381,34 @@ class Upscaler:
         return Image.fromarray(self._array(array, run))
 
 
+def check_tile(tile, tile_overlap: int) -> None:
+    """ValueError unless tile is "auto", 0, None or a size larger than tile_overlap >= 0."""
+    if not isinstance(tile_overlap, int) or tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be an integer >= 0; got {tile_overlap!r}")
+    if tile in ("auto", 0, None):
+        return
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile <= tile_overlap:
+        raise ValueError(f"tile must be 'auto', 0 (never tile) or a size larger than "
+                         f"tile_overlap ({tile_overlap}); got {tile!r}")
+
+
 def upscale(image, scale: int | None = None, weights="builtin", device="auto",
-            precision="auto", tile: int | None = None, tile_overlap: int = 32,
-            self_ensemble: bool = False, compile: bool = False, progress: bool = False):
+            precision="auto", tile="auto", tile_overlap: int = 32,
+            self_ensemble: bool = False, compile: bool = False, progress: bool = False,
+            max_memory: int | None = None):
     """Super-resolve one image by the model's scale; returns the same kind as given.
 
     image: numpy (H, W), (H, W, 3) or (H, W, 4) uint8/uint16, a PIL image, or a tensor
     (3, H, W) / (1, 3, H, W) float RGB in [0, 1]. Grayscale runs through the model as RGB
     and comes back as the channel mean; RGBA's alpha is upscaled with bicubic `imresize`.
     weights: checkpoint path or nn.Module (see `Upscaler`). scale: if given, must equal the
-    model's. tile / tile_overlap: process overlapping LR tiles of that size, blended with
-    linear ramps over the overlap (no seams); CUDA out-of-memory halves the tile and
-    retries. self_ensemble: average the 8 flip/transpose variants.
+    model's. tile: "auto" (default: the whole image when its predicted peak memory fits
+    max_memory bytes, by default 70% of the available RAM or 85% of the free GPU memory,
+    else the largest tile that fits; MemoryBudgetError when none does), 0 or None (never
+    tile) or a tile size. Tiles overlap by tile_overlap LR pixels, blended with linear
+    ramps (no seams); CUDA out-of-memory halves the tile and retries. self_ensemble:
+    average the 8 flip/transpose variants.
     """
     upscaler = Upscaler(weights, device=device, precision=precision, compile=compile)
     return upscaler(image, scale=scale, tile=tile, tile_overlap=tile_overlap,
-                    self_ensemble=self_ensemble, progress=progress)
+                    self_ensemble=self_ensemble, progress=progress, max_memory=max_memory)

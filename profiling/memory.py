@@ -25,72 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import ignn_triton.reference as R
+from ignn_triton.memory import LiveBytes, peak_bytes  # noqa: F401 (LiveBytes: re-exported)
 from ignn_triton.modules import GraphAggregation
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The bench's GA shapes on CUDA (x4, so graph scale s = 2): (C, H, W, s, batch)
 GA_SHAPES = [(256, 128, 128, 2, 1), (256, 256, 256, 2, 1), (256, 40, 40, 2, 16)]
-_BLOCK = 512  # the CUDA caching allocator's rounding
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of the storages that operators create while the mode is on, from
-    creation to the death of their last reference; `peak` is the maximum. Storages that
-    existed before (inputs, parameters) are not counted, nor are views of them."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._live: dict[int, int] = {}  # id(storage) -> counted bytes
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key)
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = id(st)
-        if key in self._live or getattr(st, "_ignn_seen", False):
-            return
-        st._ignn_seen = True
-        nbytes = -(-st.nbytes() // _BLOCK) * _BLOCK
-        self._live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(st, self._free, key)
-
-    def ignore(self, *tensors: torch.Tensor) -> None:
-        """Mark pre-existing tensors (inputs, parameters): they and their views count 0."""
-        for t in tensors:
-            t.untyped_storage()._ignn_seen = True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-
-def peak_bytes(fn, inputs=()) -> int:
-    """Peak bytes allocated by fn() above `inputs` (tensors or modules), fake or real."""
-    tracker = LiveBytes()
-    for x in inputs:
-        tracker.ignore(*(x.parameters() if isinstance(x, torch.nn.Module) else [x]))
-    with tracker:
-        fn()
-    return tracker.peak
-
-
 def graph_aggregation_peaks(C: int, H: int, W: int, scale: int = 2, batch: int = 1,
                             dtype: torch.dtype = torch.bfloat16) -> dict:
     """Predicted peak MiB of the GA block's forward (no grad) and forward + backward, ours

@@ -150,7 +150,7 @@ def test_refusals(weights, model):
         upscale(np.zeros((0, 4, 3), np.uint8), weights=model)
     with pytest.raises(ValueError, match="uint8 or uint16"):
         upscale(x.astype(np.float32), weights=model)
-    with pytest.raises(ValueError, match="must be larger than tile_overlap"):
+    with pytest.raises(ValueError, match="a size larger than tile_overlap"):
         upscale(x, weights=model, tile=8, tile_overlap=8)
 
 
@@ -279,7 +279,7 @@ def test_cli_upscale_bad_inputs(weights, tmp_path, capsys):
         + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     _bad(tmp_path, weights, capsys, [str(tmp_path / "zero.png")], "at least 1x1")
     _bad(tmp_path, weights, capsys, [good, "--tile", "8", "--tile-overlap", "8"],
-         "must be larger than --tile-overlap")
+         "a size larger than tile_overlap (8)")
     _bad(tmp_path, weights, capsys, [str(tmp_path / "missing.png")], "no such file")
     _bad(tmp_path, weights, capsys, [str(tmp_path / "in" / "rgba.png"), "--ext", "jpg"],
          "JPEG cannot store")
