@@ -7,9 +7,10 @@
 from . import ops
 from .checkpoint import CheckpointError, load_model, save_model
 from .imresize import imresize
+from .memory import estimate_memory
 from .model import EDSR, IGNN
 from .upscale import Upscaler, upscale
 
-__all__ = ["EDSR", "IGNN", "CheckpointError", "Upscaler", "imresize", "load_model", "ops",
-           "save_model", "upscale"]
+__all__ = ["EDSR", "IGNN", "CheckpointError", "Upscaler", "estimate_memory", "imresize",
+           "load_model", "ops", "save_model", "upscale"]
 __version__ = "0.1.0"

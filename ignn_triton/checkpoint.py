@@ -30,7 +30,10 @@ from .images import atomic_write
 from .model import EDSR, IGNN, config_problems, drop_embedcnn_alias
 
 FORMAT = "ignn_triton"
-BUILTIN = "ignn_x4_c64b16.safetensors"  # trained by recipes/builtin_x4.sh; see data/MODEL_CARD.md
+# The weights shipped in the package, by scale: small IGNNs trained on the CPU by
+# recipes/builtin_x{2,3,4}.sh (see data/MODEL_CARD.md); load_model("builtin", scale=S).
+BUILTIN = {scale: f"ignn_x{scale}_c64b16.safetensors" for scale in (2, 3, 4)}
+BUILTIN_DEFAULT_SCALE = 4
 _ARCHS = {"IGNN": IGNN, "EDSR": EDSR}
 _LISTED = 12  # problems listed in full in one error; the rest are counted
 
@@ -228,9 +231,13 @@ def validate(path, arch: str, config: dict, state: dict) -> None:
         raise _fail(path, f"does not match {arch} ({desc})", problems)
 
 
-def builtin_weights() -> Path:
-    """The path of the weights shipped in the package (IGNN x4, C = 64, 16 blocks)."""
-    path = Path(__file__).parent / "data" / BUILTIN
+def builtin_weights(scale: int = BUILTIN_DEFAULT_SCALE) -> Path:
+    """The path of the weights shipped in the package for that scale (IGNN, C = 64, 16
+    blocks)."""
+    if scale not in BUILTIN:
+        raise CheckpointError(f"there are built-in weights for x{', x'.join(map(str, BUILTIN))}"
+                              f"; got scale {scale!r}")
+    path = Path(__file__).parent / "data" / BUILTIN[scale]
     if not path.is_file():
         raise CheckpointError(f"{path}: the built-in weights are missing from this install "
                               "(reinstall ignn-triton, or pass a checkpoint path)")
@@ -253,11 +260,14 @@ def _metadata_config(path: Path, metadata: dict) -> tuple[str, dict]:
 
 
 def read_checkpoint(path, map_location="cpu", **overrides) -> tuple[str, dict, dict]:
-    """(architecture, constructor config, state_dict) of a checkpoint file, or of "builtin",
-    validated (`validate`): the state_dict fits a model of that config exactly. Keys are
-    normalised (no `module.` prefix, no VGG alias). overrides: constructor arguments the
-    weights cannot tell (IGNN's k, window, ...), applied before validation."""
-    path = builtin_weights() if isinstance(path, str) and path == "builtin" else Path(path)
+    """(architecture, constructor config, state_dict) of a checkpoint file, or of "builtin"
+    (the shipped weights of overrides' `scale`, default 4), validated (`validate`): the
+    state_dict fits a model of that config exactly. Keys are normalised (no `module.`
+    prefix, no VGG alias). overrides: constructor arguments the weights cannot tell (IGNN's
+    k, window, ...), applied before validation."""
+    if isinstance(path, str) and path == "builtin":
+        path = builtin_weights(overrides.get("scale", BUILTIN_DEFAULT_SCALE))
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     obj, metadata = _read(path, map_location)
@@ -291,7 +301,7 @@ def load_into(model: torch.nn.Module, state: dict) -> None:
 
 def load_model(path, map_location="cpu", **overrides) -> torch.nn.Module:
     """A ready IGNN or EDSR (eval mode) from a checkpoint file, or "builtin" for the
-    weights shipped in the package (x4).
+    weights shipped in the package (x4, or `scale=2` / `scale=3`).
 
     overrides: constructor arguments the weights cannot tell (IGNN's k, window, ...).
     """

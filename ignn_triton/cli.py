@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 import time
 import warnings
@@ -14,10 +15,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from . import __version__
 from .checkpoint import CheckpointError, load_model
-from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write, quantise, read_array,
-                     read_image, write_array, write_image)
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write, image_size, quantise,
+                     read_array, read_image, write_array, write_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 from .upscale import MemoryBudgetError, check_tile, peak_memory
@@ -28,10 +31,13 @@ BUNDLED_IMAGE = "astronaut.png"  # 256x256 crop of NASA's public-domain portrait
 def demo(args: argparse.Namespace) -> int:
     """Downscale the bundled photograph by the model's scale, super-resolve it, write the
     result beside a bicubic upscale and report PSNR (Y) of both against the original."""
-    model = load_model(args.weights)
-    origin = ("built-in weights (IGNN x4, C=64, 16 blocks, trained on CPU; see "
-              "ignn_triton/data/MODEL_CARD.md)" if args.weights == "builtin" else args.weights)
+    builtin = args.weights == "builtin"
+    model = load_model(args.weights, **({"scale": args.scale} if builtin else {}))
     scale = model.scale
+    if args.scale is not None and args.scale != scale:
+        raise ValueError(f"--scale {args.scale}: {args.weights} is a x{scale} model")
+    origin = (f"built-in weights (IGNN x{scale}, C=64, 16 blocks, trained on CPU; see "
+              "ignn_triton/data/MODEL_CARD.md)" if builtin else args.weights)
     with resources.as_file(resources.files("ignn_triton") / "data" / BUNDLED_IMAGE) as path:
         hr = read_image(path)
     hr = hr[..., : hr.shape[2] // scale * scale, : hr.shape[3] // scale * scale]
@@ -56,61 +62,129 @@ def demo(args: argparse.Namespace) -> int:
 
 
 
-def _collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Image files named or found (non-recursively) in the named folders; ValueError for a
+_OUTPUT_NAME = re.compile(r"(.+)_x[234]$")  # <stem>_x<S>: how upscale names its outputs
+
+
+def _collect_inputs(inputs: list[Path], recursive: bool = False,
+                    notes: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """(image file, its folder relative to the named folder) for every file named and every
+    image found in the named folders (their sub-folders too with recursive). Skipped, and
+    said in `notes`: hidden files (a killed run's temporaries), files of other types, and
+    our own outputs (`<stem>_x<S>.<ext>` beside a `<stem>.*` input). ValueError for a
     missing path, an unsupported file or a folder with no images."""
     files = []
     for path in inputs:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif path.is_file():
+        if path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: unsupported format {path.suffix or '(no suffix)'!r}; "
                                  f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
-            files.append(path)
-        else:
+            files.append((path, Path()))
+            continue
+        if not path.is_dir():
             raise ValueError(f"{path}: no such file or folder")
+        found, others, ours = [], [], []
+        candidates = sorted(path.rglob("*") if recursive else path.iterdir())
+        for p in candidates:
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                others.append(p)
+            else:
+                found.append(p)
+        stems = {(p.parent, p.stem) for p in found}
+        for p in found:
+            match = _OUTPUT_NAME.fullmatch(p.stem)
+            if match and (p.parent, match.group(1)) in stems:
+                ours.append(p)
+            else:
+                files.append((p, p.parent.relative_to(path)))
+        if notes is not None and others:
+            notes.append(f"{path}: skipped {len(others)} file(s) that are not images "
+                         f"({', '.join(q.name for q in others[:3])}{', ...' if len(others) > 3 else ''})")
+        if notes is not None and ours:
+            notes.append(f"{path}: skipped {len(ours)} earlier output(s) of upscale "
+                         f"({', '.join(q.name for q in ours[:3])}{', ...' if len(ours) > 3 else ''})")
+        if not found:
+            raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
+def _targets(files: list[tuple[Path, Path]], out: Path, scale: int, ext: str | None,
+             single_file: bool) -> dict[Path, Path]:
+    """Output path of every input: OUT itself for one input file and an OUT with an image
+    suffix, else OUT/<relative folder>/<stem>_x<S>.<ext>; ValueError if an output would
+    overwrite an input or two inputs would write the same file (one pass, hashed)."""
+    inputs = {f.resolve() for f, _ in files}
+    targets, seen = {}, {}
+    for f, folder in files:
+        if single_file:
+            target = out
+        else:
+            target = out / folder / f"{f.stem}_x{scale}.{ext or f.suffix.lower().lstrip('.')}"
+        key = target.resolve()
+        if key in inputs:
+            raise ValueError(f"{target}: output would overwrite an input file; choose another "
+                             "output folder")
+        if key in seen:
+            raise ValueError(f"{target}: two inputs ({seen[key]}, {f}) would write the same "
+                             "output file")
+        seen[key] = f
+        targets[f] = target
+    return targets
+
+
+def _save_options(source: Path, target: Path, quality: int | None) -> dict:
+    """Pillow save options for a JPEG or WebP output: --quality, else for a JPEG input its
+    own quantisation tables (the input's quality, exactly), else quality 95."""
+    if target.suffix.lower() not in (".jpg", ".jpeg", ".webp"):
+        return {}
+    if quality is not None:
+        return {"quality": quality}
+    if target.suffix.lower() != ".webp":
+        try:
+            with Image.open(source) as img:
+                if img.format == "JPEG" and getattr(img, "quantization", None):
+                    return {"qtables": img.quantization}
+        except OSError:
+            pass
+    return {"quality": 95}
+
+
 def upscale_cmd(args: argparse.Namespace) -> int:
-    """Super-resolve every input image into the output folder; everything is checked
-    (inputs readable, outputs distinct and not inputs, checkpoint and scale) before the
-    first file is written."""
+    """Super-resolve every input image into the output folder (or file); everything is
+    checked (inputs readable, outputs distinct and not inputs, checkpoint and scale, the
+    memory plan) before the first file is written."""
     from tqdm import tqdm
 
     from .upscale import Upscaler
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    notes = []
+    files = _collect_inputs(args.inputs, args.recursive, notes)
+    single_file = (len(args.inputs) == 1 and args.inputs[0].is_file()
+                   and out.suffix.lower() in IMAGE_EXTENSIONS and not out.is_dir())
+    if single_file and args.ext and "." + args.ext.lower().lstrip(".") != out.suffix.lower():
+        raise ValueError(f"--ext {args.ext} disagrees with the output file's suffix {out.suffix}")
+    if not single_file and out.exists() and not out.is_dir():
         raise ValueError(f"{out}: output path exists and is not a folder")
-    files = _collect_inputs(args.inputs)
     check_tile(args.tile, args.tile_overlap)
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must be in [1, 100]; got {args.quality}")
     ext = args.ext.lower().lstrip(".") if args.ext else None
     if ext is not None and "." + ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"--ext {args.ext!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
     upscaler = Upscaler(args.weights, device=args.device, precision=args.precision,
-                        compile=args.compile)
-    if args.scale is not None and args.scale != upscaler.scale:
-        raise ValueError(f"--scale {args.scale} is not supported by {args.weights}, which is a "
-                         f"x{upscaler.scale} model")
-    scale = upscaler.scale
-    inputs = {f.resolve() for f in files}
-    targets = {}
-    for f in files:
-        target = out / f"{f.stem}_x{scale}.{ext or f.suffix.lower().lstrip('.')}"
-        if target.resolve() in inputs:
-            raise ValueError(f"{target}: output would overwrite an input file; choose another "
-                             "output folder")
-        if target.resolve() in {t.resolve() for t in targets.values()}:
-            raise ValueError(f"{target}: two inputs would write the same output file")
-        targets[f] = target
+                        compile=args.compile, scale=args.scale)
+    targets = _targets(files, out, upscaler.scale, ext, single_file)
+    if args.skip_existing:
+        done = [f for f, _ in files if targets[f].exists()]
+        if done:
+            notes.append(f"skipped {len(done)} input(s) whose output exists (--skip-existing)")
+        files = [(f, folder) for f, folder in files if not targets[f].exists()]
+    for note in notes:
+        print(f"ignn-triton: {note}", file=sys.stderr)
     plans = {}
-    for f in files:  # every file and its memory plan first: nothing is written on a refusal
+    for f, _ in files:  # every file and its memory plan first: nothing is written on a refusal
         array = read_array(f, args.max_pixels)
         if targets[f].suffix.lower() in (".jpg", ".jpeg") and array.ndim == 3 \
                 and array.shape[2] == 4:
@@ -124,8 +198,7 @@ def upscale_cmd(args: argparse.Namespace) -> int:
                 raise ValueError(f"{f}: {e}") from None
     for size, plan in plans.items():
         print(f"{size[1]}x{size[0]} inputs: {plan.describe()}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in tqdm(files, desc="images", unit="image", disable=len(files) == 1):
+    for f, folder in tqdm(files, desc="images", unit="image", disable=len(files) < 2):
         array = read_array(f, args.max_pixels)
         start = time.perf_counter()
         if upscaler.device.type == "cuda":
@@ -134,7 +207,8 @@ def upscale_cmd(args: argparse.Namespace) -> int:
                       tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble,
                       progress=True, max_memory=args.max_memory)
         seconds = time.perf_counter() - start
-        write_array(sr, targets[f])
+        targets[f].parent.mkdir(parents=True, exist_ok=True)
+        write_array(sr, targets[f], **_save_options(f, targets[f], args.quality))
         plan = upscaler.last_plan
         tqdm.write(f"{f}: {array.shape[1]}x{array.shape[0]} -> {sr.shape[1]}x{sr.shape[0]} in "
                    f"{seconds:.1f} s on {upscaler.device.type} ({upscaler.precision}), "
@@ -186,29 +260,36 @@ def eval_cmd(args: argparse.Namespace) -> int:
     from .upscale import Upscaler
 
     S = args.scale
-    hr_files = _collect_inputs([args.hr])
+    hr_files = [f for f, _ in _collect_inputs([args.hr])]
     check_tile(args.tile, args.tile_overlap)
-    upscaler = Upscaler(args.weights, device=args.device, precision=args.precision)
-    if upscaler.scale != S:
-        raise ValueError(f"--scale {S} is not supported by {args.weights}, which is a "
-                         f"x{upscaler.scale} model")
+    out = Path(args.out)
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out}: exists and is not a file")
+    upscaler = Upscaler(args.weights, device=args.device, precision=args.precision, scale=S)
     lr_files = {}
-    if args.lr is not None:
-        lr_files = {p.stem: p for p in _collect_inputs([args.lr])}
+    if args.lr_data is not None:
+        lr_files = {p.stem: p for p, _ in _collect_inputs([args.lr_data])}
         missing = [f.name for f in hr_files if f.stem not in lr_files]
         if missing:
-            raise ValueError(f"{args.lr}: no LR image for {', '.join(missing)}")
+            raise ValueError(f"{args.lr_data}: no LR image for {', '.join(missing)}")
+    for f in hr_files:  # every size first: nothing is computed for a run that cannot finish
+        h, w = image_size(f)
+        if h < S or w < S:
+            raise ValueError(f"{f}: {w}x{h} is smaller than {S}x{S}")
+        if h % S or w % S:
+            print(f"ignn-triton: {f}: {w}x{h} is cropped to {w // S * S}x{h // S * S} (a "
+                  f"multiple of the scale {S})", file=sys.stderr)
+        if args.lr_data is not None and image_size(lr_files[f.stem]) != (h // S, w // S):
+            lh, lw = image_size(lr_files[f.stem])
+            raise ValueError(f"{lr_files[f.stem]}: LR is {lw}x{lh}, expected "
+                             f"{w // S}x{h // S}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for f in hr_files:
         hr = read_image(f)
         hr = hr[..., : hr.shape[2] // S * S, : hr.shape[3] // S * S]
-        if hr.numel() == 0:
-            raise ValueError(f"{f}: smaller than {S}x{S}")
-        if args.lr is not None:
+        if args.lr_data is not None:
             lr = read_image(lr_files[f.stem])
-            if tuple(lr.shape[-2:]) != (hr.shape[2] // S, hr.shape[3] // S):
-                raise ValueError(f"{lr_files[f.stem]}: LR is {lr.shape[3]}x{lr.shape[2]}, "
-                                 f"expected {hr.shape[3] // S}x{hr.shape[2] // S}")
         else:
             lr = quantise(imresize(hr, 1 / S))  # 8-bit LR, as MATLAB's benchmarks store it
         bicubic = imresize(lr, S).clamp(0, 1)
@@ -224,7 +305,6 @@ def eval_cmd(args: argparse.Namespace) -> int:
     for r in rows + [dict(image="mean", **mean)]:
         print(f"{r['image']:<{name_w}}  {r['bicubic_psnr']:12.4f}  {r['bicubic_ssim']:6.4f}  "
               f"{r['model_psnr']:10.4f}  {r['model_ssim']:6.4f}")
-    out = Path(args.out)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["image", "width", "height", *keys])
     writer.writeheader()
@@ -239,8 +319,10 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-WEIGHTS_HELP = ("'builtin' (default: the x4 weights shipped in the package) or an IGNN/EDSR "
-                "checkpoint (.pth or .safetensors)")
+WEIGHTS_HELP = ("'builtin' (default: the weights shipped in the package for --scale, x2, x3 "
+                "or x4) or an IGNN/EDSR checkpoint (.pth, .safetensors, a trainer's last.pt)")
+SCALE_HELP = ("the built-in model's scale (default: 4); with --weights PATH, checked against "
+              "the checkpoint's")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -273,16 +355,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # the trainer owns its (long) argument list
         from .train import main as train_main
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="ignn-triton", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ignn-triton", description=__doc__, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"ignn-triton {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="super-resolve the bundled image, compare with bicubic")
+    p = commands.add_parser("demo", allow_abbrev=False,
+                            help="super-resolve the bundled image, compare with bicubic")
     p.add_argument("--weights", default="builtin", help=WEIGHTS_HELP)
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), help=SCALE_HELP)
     p.add_argument("--out", default="ignn_demo", help="output folder (default: ignn_demo)")
     p.set_defaults(run=demo)
-    p = commands.add_parser("upscale", help="super-resolve image files or folders")
+    p = commands.add_parser("upscale", allow_abbrev=False,
+                            help="super-resolve image files or folders")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (created)")
-    p.add_argument("--scale", type=int, help="check that the checkpoint has this scale")
+    p.add_argument("-o", "--out", required=True, type=Path,
+                   help="output folder (created), or, for one input file, an image file name")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="also take the images in the sub-folders of input folders (the output "
+                   "keeps their layout)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose output file already exists")
+    p.add_argument("--quality", type=int, metavar="Q",
+                   help="JPEG/WebP output quality 1-100 (default: a JPEG input's own "
+                   "quantisation tables, else 95)")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), help=SCALE_HELP)
     _add_run_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--ext", help="output format (png, jpg, ...); default: the input's")
@@ -290,10 +385,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"refuse images that declare more pixels, before decoding "
                    f"(default: {MAX_PIXELS}, which admits 12000x12000)")
     p.set_defaults(run=upscale_cmd)
-    p = commands.add_parser("eval", help="PSNR/SSIM (Y) of bicubic and the model on HR images")
+    p = commands.add_parser("eval", allow_abbrev=False,
+                            help="PSNR/SSIM (Y) of bicubic and the model on HR images")
     p.add_argument("--hr", required=True, type=Path, help="folder of HR images")
-    p.add_argument("--lr", type=Path, help="folder of paired LR images (same stems)")
-    p.add_argument("--scale", required=True, type=int)
+    p.add_argument("--lr-data", type=Path,
+                   help="folder of paired LR images, same stems (default: MATLAB bicubic of "
+                   "the HR images, rounded to 8 bits)")
+    p.add_argument("--scale", required=True, type=int, choices=(2, 3, 4),
+                   help="the scale to evaluate (picks the built-in model; checked against --weights)")
     p.add_argument("--out", type=Path, default=Path("results.csv"),
                    help="CSV file (a .json beside it); default results.csv")
     _add_run_options(p)
@@ -305,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"ignn-triton: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # writes are atomic: nothing partial is left behind
+        print("ignn-triton: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Images declaring more pixels are refused before decoding (image_size, read_array): the
@@ -102,11 +102,16 @@ def _read_png16(data: bytes) -> np.ndarray:
         raise ValueError("unsupported PNG: interlaced 16-bit images")
     channels = _PNG_CHANNELS[colour]
     stride = width * channels * 2
-    try:
-        raw = zlib.decompress(b"".join(idat))
+    expected = height * (stride + 1)
+    try:  # inflate at most what the header declares: a small file cannot expand to gigabytes
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(b"".join(idat), expected)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"corrupt PNG: more image data than its {width}x{height} header "
+                             f"declares")
     except zlib.error as e:
         raise ValueError(f"corrupt PNG image data ({e})") from e
-    if len(raw) != height * (stride + 1):
+    if len(raw) != expected:
         raise ValueError(f"corrupt PNG: {len(raw)} bytes of image data, expected "
                          f"{height * (stride + 1)}")
     pixels = _unfilter(raw, height, stride, channels * 2)
@@ -163,6 +168,20 @@ def _pixel_limit():
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def _check_depth(img: Image.Image) -> None:
+    """Refuse what Pillow would silently read at a lower precision: float images, and TIFFs
+    of more than 8 bits per sample other than 16-bit grayscale."""
+    if img.mode in ("F", "I;32", "I;32B", "I;32L") or img.mode.startswith("F;"):
+        raise ValueError(f"{img.format} image of mode {img.mode} (32-bit or float samples) is "
+                         f"not supported; convert it to a 16-bit PNG")
+    if img.format == "TIFF" and not img.mode.startswith("I;16"):
+        bits = img.tag_v2.get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if max(bits) > 8:
+            raise ValueError(f"{'/'.join(map(str, bits))}-bit TIFF would be read as {img.mode} "
+                             f"(8 bits per sample); convert it to a 16-bit PNG")
+
+
 def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width == 0 or height == 0:
         raise ValueError(f"image is {width}x{height}; it must be at least 1x1")
@@ -201,8 +220,9 @@ def read_array(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         else:
             with _pixel_limit(), Image.open(io.BytesIO(data)) as img:
                 _check_pixels(path, *img.size, max_pixels)
+                _check_depth(img)
                 img.load()
-                array = _from_pil(img)
+                array = _from_pil(ImageOps.exif_transpose(img))  # upright, as displayed
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from e
     if array.ndim < 2 or array.shape[0] < 1 or array.shape[1] < 1:
@@ -220,21 +240,27 @@ def atomic_write(path: Path, write) -> None:
     """Call write(tmp) on a temporary file beside path, then rename it into place: path is
     either untouched or complete. The file gets the usual permissions (0666 & ~umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a vanished folder: one line naming the file
+        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def write_array(array: np.ndarray, path) -> None:
-    """Write (H, W), (H, W, 3) or (H, W, 4) uint8/uint16 atomically, format from the suffix.
-    uint16 stays 16-bit in PNG; other formats get it rounded to 8 bits. JPEG cannot store
-    an alpha channel: a ValueError."""
+def write_array(array: np.ndarray, path, **save_options) -> None:
+    """Write (H, W), (H, W, 3) or (H, W, 4) uint8/uint16 atomically, format from the suffix;
+    save_options go to Pillow (quality, qtables). uint16 stays 16-bit in PNG and in
+    grayscale TIFF; 16-bit colour TIFF is refused; 8-bit-only formats (JPEG, WebP, BMP) get
+    it rounded to 8 bits. JPEG cannot store an alpha channel: a ValueError."""
     path = Path(path)
     array = np.asarray(array)
     if array.dtype not in (np.uint8, np.uint16) or array.ndim not in (2, 3) or (
@@ -250,12 +276,20 @@ def write_array(array: np.ndarray, path) -> None:
         def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(data)
+    elif array.dtype == np.uint16 and suffix in (".tif", ".tiff"):
+        if array.ndim == 3:
+            raise ValueError(f"{path}: Pillow cannot write 16-bit colour TIFF; write PNG "
+                             f"(16-bit kept) instead")
+
+        def write(tmp):  # 16-bit grayscale TIFF: Pillow's I;16 mode
+            Image.fromarray(array).save(tmp, format="TIFF", **save_options)
     else:
-        if array.dtype == np.uint16:
+        if array.dtype == np.uint16:  # JPEG, WebP, BMP: 8 bits per sample at most
             array = np.round(array / 257.0).astype(np.uint8)
 
         def write(tmp):
-            Image.fromarray(array).save(tmp, format=Image.registered_extensions().get(suffix))
+            Image.fromarray(array).save(tmp, format=Image.registered_extensions().get(suffix),
+                                        **save_options)
     atomic_write(path, write)
 
 

@@ -36,7 +36,7 @@ from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, quantise, 
                      read_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
-from .model import IGNN
+from .model import IGNN, config_problems
 
 DEFAULT_CROP = {2: 160, 3: 198, 4: 160}  # HR crop sizes of the paper (spec section 9)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -461,64 +461,101 @@ def load_checkpoint(path: Path, args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The trainer's arguments, every one checked here, before anything is read or written."""
     p = argparse.ArgumentParser(prog="ignn-triton train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", type=Path, required=True, help="HR image folders")
-    g.add_argument("--lr-data", nargs="+", type=Path, help="paired LR folders (default: bicubic)")
-    g.add_argument("--val", type=Path, help="folder of HR validation images")
+    g.add_argument("--lr-data", nargs="+", type=Path,
+                   help="paired LR folders (default: LR crops by MATLAB bicubic)")
+    g.add_argument("--val", type=Path, help="folder of HR validation images (default: none)")
     g.add_argument("--crop", type=int, help="HR crop size (default: 160 for x2/x4, 198 for x3)")
     g.add_argument("--rgb-permute", action="store_true", help="random RGB channel order")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader processes (default: %(default)s, min(4, cores))")
     g.add_argument("--cache-gb", type=float, default=2.0,
                    help="keep the decoded images in memory when they fit in this many GiB "
-                   "(DIV2K's 800 HR images take about 6.5)")
+                   "(default: %(default)s; DIV2K's 800 HR images take about 6.5)")
     g = p.add_argument_group("model")
-    g.add_argument("--scale", type=int, default=4, choices=(2, 3, 4))
-    g.add_argument("--n-feats", type=int, default=256)
-    g.add_argument("--n-resblocks", type=int, default=32)
-    g.add_argument("--res-scale", type=float, default=0.1)
-    g.add_argument("--k", type=int, default=5)
-    g.add_argument("--window", type=int, default=30)
-    g.add_argument("--init", type=Path, help="released IGNN checkpoint, or EDSR (backbone only)")
+    g.add_argument("--scale", type=int, default=4, choices=(2, 3, 4),
+                   help="(default: %(default)s)")
+    g.add_argument("--n-feats", type=int, default=256, help="width C (default: %(default)s)")
+    g.add_argument("--n-resblocks", type=int, default=32,
+                   help="residual blocks, half before the graph aggregation (default: "
+                   "%(default)s)")
+    g.add_argument("--res-scale", type=float, default=0.1,
+                   help="residual scaling (default: %(default)s)")
+    g.add_argument("--k", type=int, default=5, help="neighbours per query (default: %(default)s)")
+    g.add_argument("--window", type=int, default=30,
+                   help="search window in son patches (default: %(default)s)")
+    g.add_argument("--init", type=Path,
+                   help="initial weights: an IGNN checkpoint (of any scale: what fits), or "
+                   "EDSR (backbone only)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=800_000)
-    g.add_argument("--batch", type=int, default=16, help="global batch (split over ranks)")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--schedule", choices=("multistep", "cosine"), default="multistep")
+    g.add_argument("--steps", type=int, default=800_000, help="(default: %(default)s)")
+    g.add_argument("--batch", type=int, default=16,
+                   help="global batch, split over ranks (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    g.add_argument("--schedule", choices=("multistep", "cosine"), default="multistep",
+                   help="(default: %(default)s)")
     g.add_argument("--milestones", type=int, nargs="*",
-                   default=[160_000, 320_000, 480_000, 640_000])
-    g.add_argument("--gamma", type=float, default=0.5)
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
-    g.add_argument("--ema", type=float, help="keep an EMA of the weights with this decay")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
+                   default=[160_000, 320_000, 480_000, 640_000],
+                   help="multistep: steps where the rate is multiplied by --gamma (default: "
+                   "160000 320000 480000 640000)")
+    g.add_argument("--gamma", type=float, default=0.5, help="(default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=0,
+                   help="linear warm-up steps (default: %(default)s)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off)")
+    g.add_argument("--ema", type=float,
+                   help="keep an EMA of the weights with this decay (default: off)")
+    g.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off",
+                   help="mixed precision (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--checkpoint-ga", action="store_true",
                    help="recompute the graph aggregation's per-rank activations in the "
                    "backward pass instead of keeping them (less memory, same result)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="(default: %(default)s: CUDA when available)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="run folder")
     g.add_argument("--resume", help="training checkpoint to resume from, or 'auto' "
                    "(OUT/last.pt if it exists)")
-    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--force", action="store_true",
+                   help="start afresh in a run folder that holds a previous run's files")
+    g.add_argument("--ckpt-every", type=int, default=1000,
+                   help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step "
                    "(for time-limited jobs; continue with --resume auto)")
-    g.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: at the end)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--val-every", type=int, default=0,
+                   help="validate every N steps (default: 0, at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="(default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
-    args.crop = args.crop or DEFAULT_CROP[args.scale]
+    args.crop = DEFAULT_CROP[args.scale] if args.crop is None else args.crop
     args.milestones = sorted(args.milestones)
-    for name in ("steps", "batch", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.val_every < 0 or args.workers < 0:
-        p.error("--warmup, --val-every and --workers must be >= 0")
+    for name in ("steps", "batch", "ckpt_every", "log_every", "crop", "stop_at"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.crop % args.scale:
+        p.error(f"--crop {args.crop} must be a multiple of the scale {args.scale}")
+    for name in ("warmup", "val_every", "workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0; got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr >= 0):  # a rate of 0 freezes the weights
+        p.error(f"--lr must be a finite number >= 0; got {args.lr}")
+    for name in ("gamma", "cache_gb", "clip_grad"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a positive number; got {value}")
     if args.ema is not None and not 0 < args.ema < 1:
-        p.error("--ema must be in (0, 1)")
+        p.error(f"--ema must be in (0, 1); got {args.ema}")
+    config = dict(scale=args.scale, n_feats=args.n_feats, n_resblocks=args.n_resblocks,
+                  res_scale=args.res_scale, k=args.k, patch_size=3, stride=2, window=args.window)
+    for problem in config_problems("IGNN", config):  # "n_feats must ..." -> "--n-feats must ..."
+        name = problem.split()[0]
+        p.error(f"--{name.replace('_', '-')}{problem[len(name):]}" if name in config else problem)
     return args
 
 
@@ -555,6 +592,10 @@ def train(args) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
+    previous = [name for name in ("last.pt", "model.safetensors", "log.csv") if (out / name).exists()]
+    if previous and args.resume is None and not args.force:
+        raise ValueError(f"--out {out}: holds a previous run ({', '.join(previous)}); continue "
+                         f"it with --resume auto, or start afresh with --force")
     resume = args.resume
     if resume == "auto":
         resume = out / "last.pt" if (out / "last.pt").is_file() else None
@@ -737,6 +778,9 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FloatingPointError, OSError) as e:
         print(f"ignn-triton train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+        print("ignn-triton train: interrupted (continue with --resume auto)", file=sys.stderr)
+        return 130
     return 0
 
 

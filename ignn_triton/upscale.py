@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_model
+from .checkpoint import BUILTIN_DEFAULT_SCALE, load_model
 from .images import array_to_tensor
 from .imresize import imresize
 from .memory import estimate_memory
@@ -139,13 +139,15 @@ class Upscaler:
     """A model ready to super-resolve: weights loaded, device and precision chosen.
 
     weights: a checkpoint path (released IGNN .pth, our .safetensors, EDSR) or an
-    nn.Module with a `scale` attribute (moved to the device), or "builtin": the x4 weights
-    shipped in the package (a small IGNN trained on CPU; see data/MODEL_CARD.md).
+    nn.Module with a `scale` attribute (moved to the device), or "builtin": the weights
+    shipped in the package for `scale` (2, 3 or 4, default 4; small IGNNs trained on the
+    CPU, see data/MODEL_CARD.md). scale: with other weights, checked against the model's.
     precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16" (CUDA only);
     reduced precisions run under torch.autocast.
     """
 
-    def __init__(self, weights="builtin", device="auto", precision="auto", compile=False):
+    def __init__(self, weights="builtin", device="auto", precision="auto", compile=False,
+                 scale: int | None = None):
         self.device = _resolve_device(device)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -157,12 +159,18 @@ class Upscaler:
         self.precision, self.dtype = precision, PRECISIONS[precision]
         if isinstance(weights, torch.nn.Module):
             model, self.origin = weights, type(weights).__name__
+        elif isinstance(weights, str) and weights == "builtin":
+            scale = BUILTIN_DEFAULT_SCALE if scale is None else scale
+            model, self.origin = load_model(weights, scale=scale), f"builtin x{scale}"
         elif isinstance(weights, (str, Path)):
             model, self.origin = load_model(weights), str(weights)
         else:
             raise ValueError(f"weights must be a checkpoint path or an nn.Module; got "
                              f"{type(weights).__name__}")
         self.scale = _model_scale(model)
+        if scale is not None and scale != self.scale:
+            raise ValueError(f"scale x{scale} requested but the model ({self.origin}) is "
+                             f"x{self.scale}")
         self.model = model.to(self.device)
         self._module = self.model  # the nn.Module itself, for estimates and progress hooks
         if compile:
@@ -401,7 +409,8 @@ def upscale(image, scale: int | None = None, weights="builtin", device="auto",
     image: numpy (H, W), (H, W, 3) or (H, W, 4) uint8/uint16, a PIL image, or a tensor
     (3, H, W) / (1, 3, H, W) float RGB in [0, 1]. Grayscale runs through the model as RGB
     and comes back as the channel mean; RGBA's alpha is upscaled with bicubic `imresize`.
-    weights: checkpoint path or nn.Module (see `Upscaler`). scale: if given, must equal the
+    weights: "builtin" (default), a checkpoint path or an nn.Module (see `Upscaler`).
+    scale: picks the built-in weights (default 4); with other weights, must equal the
     model's. tile: "auto" (default: the whole image when its predicted peak memory fits
     max_memory bytes, by default 70% of the available RAM or 85% of the free GPU memory,
     else the largest tile that fits; MemoryBudgetError when none does), 0 or None (never
@@ -409,6 +418,7 @@ def upscale(image, scale: int | None = None, weights="builtin", device="auto",
     ramps (no seams); CUDA out-of-memory halves the tile and retries. self_ensemble:
     average the 8 flip/transpose variants.
     """
-    upscaler = Upscaler(weights, device=device, precision=precision, compile=compile)
+    upscaler = Upscaler(weights, device=device, precision=precision, compile=compile,
+                        scale=scale)
     return upscaler(image, scale=scale, tile=tile, tile_overlap=tile_overlap,
                     self_ensemble=self_ensemble, progress=progress, max_memory=max_memory)

@@ -24,7 +24,7 @@ def test_demo_with_the_builtin_weights_beats_bicubic(tmp_path, capsys):
 
 def test_builtin_weights_missing_is_a_clear_error(monkeypatch):
     from ignn_triton import checkpoint
-    monkeypatch.setattr(checkpoint, "BUILTIN", "no_such_weights.safetensors")
+    monkeypatch.setattr(checkpoint, "BUILTIN", {4: "no_such_weights.safetensors"})
     with pytest.raises(CheckpointError, match="built-in weights are missing"):
         load_model("builtin")
 

@@ -139,8 +139,8 @@ def test_oom_retry_halves_the_tile(model, capsys):
 
 def test_refusals(weights, model):
     x = _photo()
-    with pytest.raises(ValueError, match=r"x2 requested.*x4"):
-        upscale(x, scale=2)  # the built-in weights are x4
+    with pytest.raises(ValueError, match=r"scale x3 requested but the model .* is x2"):
+        upscale(x, weights=weights, scale=3)
     with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
         upscale(x, weights=model, precision="fp16", device="cpu")
     with pytest.raises(ValueError, match=r"x4 requested.*x2"):
@@ -298,13 +298,18 @@ def test_cli_upscale_bad_inputs(weights, tmp_path, capsys):
                  str(tmp_path / "other.pth")]) == 2
     assert "not an IGNN or EDSR state_dict" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    # no --weights: the built-in x4 weights, so --scale 2 is refused and the default works
-    assert main(["upscale", good, "-o", str(tmp_path / "o"), "--scale", "2"]) == 2
-    assert "--scale 2 is not supported by builtin, which is a x4 model" in capsys.readouterr().err
+    # --scale with a checkpoint of another scale is refused
+    assert main(["upscale", good, "-o", str(tmp_path / "o"), "--scale", "3", "--weights",
+                 str(weights)]) == 2
+    assert "scale x3 requested but the model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert main(["upscale", good, "-o", str(tmp_path / "b")]) == 0
+    # no --weights: the built-in weights of --scale (default 4)
     h, w = read_array(good).shape[:2]
-    assert read_array(tmp_path / "b" / (Path(good).stem + "_x4.png")).shape[:2] == (4 * h, 4 * w)
+    for scale in (None, 2, 3):
+        out = tmp_path / f"b{scale}"
+        assert main(["upscale", good, "-o", str(out)] + (["--scale", str(scale)] if scale else [])) == 0
+        S = scale or 4
+        assert read_array(out / f"{Path(good).stem}_x{S}.png").shape[:2] == (S * h, S * w)
     # never overwrite an input
     Image.fromarray(_photo(8, 8)).save(tmp_path / "in" / "rgb_x2.png")
     before = (tmp_path / "in" / "rgb_x2.png").read_bytes()
