@@ -5,12 +5,18 @@ Every function here checks its inputs once, then runs either a fused Triton kern
 triton). Neither path ever holds the (B, M, N) distance matrix or the (B, M, 9*C*s^2, k)
 gathered tensor of the released code. Matching outputs (dist, idx, diff, D_hr) carry no
 gradient; the statistics and the aggregation are differentiable.
+
+Both paths treat an idx entry outside [0, N) alike, without reading it or synchronising:
+NaN wherever it is used (its edge features; the HR pixels of its query's patch in its
+rank's knn_hr, and in x1_hr), and no contribution to any gradient but the logits'
+(NaN at those pixels). Under torch.use_deterministic_algorithms(True) the aggregation's
+backward on CUDA (fp32 atomics) is replaced by the torch implementation (deterministic,
+slower).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from . import kernels
 from .geometry import GraphGeometry, graph_geometry, window_start
@@ -58,13 +64,20 @@ def _geometry(ye: torch.Tensor, scale: int, window: int, patch: int, stride: int
 
 
 def _check_idx(idx: torch.Tensor, batch: int, geo: GraphGeometry) -> None:
+    """Shape and dtype; the values are not checked (that would synchronise with the GPU):
+    entries outside [0, N) give NaN (module docstring)."""
     if idx.dtype != torch.int64 or idx.dim() != 3 or idx.shape[:2] != (batch, geo.num_queries):
         raise ValueError(f"idx must be int64 (B, M, k) = ({batch}, {geo.num_queries}, k); "
                          f"got {idx.dtype} {tuple(idx.shape)}")
-    if (not idx.is_cuda and not torch.compiler.is_compiling() and not is_fake(idx)
-            and idx.numel() and (idx.min() < 0 or idx.max() >= geo.num_keys)):
-        raise ValueError(f"idx holds son indices outside [0, {geo.num_keys}); "
-                         f"got [{int(idx.min())}, {int(idx.max())}]")
+
+
+def _bad_idx(idx: torch.Tensor, num_keys: int):
+    """(idx with its entries outside [0, N) replaced by 0, their mask), or (idx, None) when
+    there are none: the torch path's side of the kernels' rule for such entries."""
+    bad = (idx < 0) | (idx >= num_keys)
+    if not bad.any():
+        return idx, None
+    return idx.masked_fill(bad, 0), bad
 
 
 # --------------------------------------------------------------------------- patches
@@ -196,6 +209,7 @@ def _(ye, xe, idx, scale, patch, stride):
 
 def _edge_features_torch(ye, xe, idx, geo: GraphGeometry) -> torch.Tensor:
     work = _work_dtype(ye)
+    idx, bad = _bad_idx(idx, geo.num_keys)
     B, E = ye.shape[:2]
     k = idx.shape[2]
     q = _query_patches(ye.to(work), geo)  # (B, E, P, M)
@@ -210,12 +224,16 @@ def _edge_features_torch(ye, xe, idx, geo: GraphGeometry) -> torch.Tensor:
         neighbours = torch.gather(key, 3, n.reshape(B, 1, 1, Mc * k).expand(B, E, P, Mc * k))
         d = (q[:, :, :, m, None] - neighbours.view(B, E, P, Mc, k)).abs().sum(2)  # (B, E, Mc, k)
         out.append(d.permute(0, 2, 3, 1))
-    return torch.cat(out, 1).to(ye.dtype).contiguous()
+    out = torch.cat(out, 1)
+    if bad is not None:
+        out.masked_fill_(bad[..., None], float("nan"))
+    return out.to(ye.dtype).contiguous()
 
 
 def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: int = 2,
                   patch: int = 3, stride: int = 2) -> torch.Tensor:
-    """diff (B, M, k, E): per channel, sum over patch positions of |query - neighbour|."""
+    """diff (B, M, k, E): per channel, sum over patch positions of |query - neighbour|;
+    NaN for an idx entry outside [0, N)."""
     _check_embeddings(ye, xe, scale)
     geo = _geometry(ye, scale, 1, patch, stride)
     _check_idx(idx, ye.shape[0], geo)
@@ -435,6 +453,7 @@ def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tens
     as much as the arithmetic."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
+    idx, bad = _bad_idx(idx, geo.num_keys)
     s, ps, ts, m1, m2 = geo.scale, geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
     work = stats[0].dtype
     q, crop, count = _hr_crop(geo, stats[0])
@@ -459,6 +478,8 @@ def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tens
                 z = gathered[: n.numel() * width * ps * ps].view(n.numel(), width, ps * ps)
                 torch.index_select(blocks, 0, n, out=z)
                 alpha = qs[m] / ks[n]  # (rows * m2, width)
+                if bad is not None:
+                    alpha.masked_fill_(bad[b, m, r, None], float("nan"))
                 beta = qm[m] - km[n] * alpha
                 z.mul_(alpha[:, :, None]).add_(beta[:, :, None])
                 _fold_rows_(fold, z.view(i1 - i0, m2, width, ps, ps), i0, geo)
@@ -497,7 +518,9 @@ def _patch_aggregate_backward(
         grad_out: torch.Tensor, scale: int, patch: int, stride: int) -> list[torch.Tensor]:
     """[grad_feat, grad_q_mean, grad_q_std, grad_k_mean, grad_k_std, grad_logits] (the last
     is empty when logits is None); gradients in the statistics' dtype."""
-    if _use_triton(feat, idx):
+    # the kernels accumulate with fp32 atomics (not bit-deterministic); the torch code is
+    # deterministic on CUDA too (its index_add_ is, in this mode)
+    if _use_triton(feat, idx) and not torch.are_deterministic_algorithms_enabled():
         grads = kernels.patch_aggregate_backward(feat, idx, q_mean, q_std, k_mean, k_std,
                                                  grad_out, scale, patch, stride, logits)
         return [g if g is not None else feat.new_empty(0) for g in grads]
@@ -537,6 +560,7 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
     gradient is the softmax backward of g_r = <dx1, knn_r> (knn_r refolded as forward)."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
+    idx, bad = _bad_idx(idx, geo.num_keys)
     ps, ts, m1, m2 = geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
     work = stats[0].dtype
     dev = feat.device
@@ -577,12 +601,17 @@ def _aggregate_backward_torch(feat, idx, stats, logits, grad_out, geo: GraphGeom
                 torch.index_select(blocks, 0, n, out=z)
                 dz = d_gathered[:size].view(n.numel(), width, ps * ps)
                 _unfold_rows(dz.view(i1 - i0, m2, width, ps, ps), upstream, i0, geo)
+                bad_rows = None if bad is None else bad[b, m, r, None, None]
+                if bad_rows is not None:  # no gradient through an entry outside [0, N)
+                    dz.masked_fill_(bad_rows, 0.0)
                 sigma_kn, mu_kn = ks[n], km[n]  # (rows * m2, width)
                 alpha = qs[m] / sigma_kn
                 d_alpha = (dz * z).sum(2)
                 d_beta = dz.sum(2)
                 if weights is not None:  # this rank's normalised blocks, folded as forward
                     z.mul_(alpha[:, :, None]).add_((qm[m] - mu_kn * alpha)[:, :, None])
+                    if bad_rows is not None:  # NaN there, as the forward's
+                        z.masked_fill_(bad_rows, float("nan"))
                     _fold_rows_(hr[:width], z.view(i1 - i0, m2, width, ps, ps), i0, geo)
                 d_blocks.index_add_(0, n, dz.mul_(alpha[:, :, None]))
                 d_alpha -= d_beta * mu_kn  # beta = mu_q - mu_kn * alpha

@@ -2,7 +2,8 @@
 
 Importing this package never fails: without triton, HAS_TRITON is False and the launchers are
 absent (ignn_triton.ops then runs its torch path). Kernels run on CUDA tensors, or on CPU
-tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported);
+every launcher runs under its tensors' device and checks its grids and sizes (utils.py).
 """
 # Modules with Triton kernels; each exports aot_specs() (name, jit function, signature,
 # constexprs, launch options) for its default configs: see kernels/aot.py, tests/test_aot.py.

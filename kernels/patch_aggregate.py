@@ -46,7 +46,12 @@ Design
      reduced over the patch and added with one fp32 atomic per (query, rank, channel);
      grad F gets one fp32 atomic per (query, rank, patch pixel, channel) into an NHWC fp32
      buffer (contiguous channel runs), permuted to NCHW at the end. Those three gradients
-     are therefore NOT bit-deterministic (fp32 addition order of the atomics varies).
+     are therefore NOT bit-deterministic (fp32 addition order of the atomics varies);
+     under torch.use_deterministic_algorithms(True) ignn_triton.ops runs its torch
+     implementation instead.
+* Offsets into F are int64 (a 12 MP LR map at C = 256 is 1.4 x 2^31 elements): the key
+  block's first pixel, or the pixel's row, in int64 and the rest in int32, the forms that
+  keep every default config spill-free; the other sizes are bounded in _prepare.
 * idx is read as int64 and never trusted for addressing: a son index outside [0, N) masks
   every load it would drive and yields NaN outputs (forward) / no contribution (backward).
   With IGNN_TRITON_DEBUG=1 the launchers compile a DEBUG variant whose tl.device_assert
@@ -74,12 +79,10 @@ import triton
 import triton.language as tl
 
 from ..geometry import GraphGeometry, graph_geometry
+from .utils import SUPPORTED, TL_TYPES, check_int32, grid, on_tensor_device
 
 __all__ = ["AggregateConfig", "patch_aggregate", "patch_aggregate_backward",
            "default_aggregate_config", "DEFAULT_CONFIGS", "aot_specs"]
-
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # --------------------------------------------------------------------------- configs
@@ -113,11 +116,12 @@ def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
     """Forward (its tile depends on the HR stride t * s): 1 HR row x block_j column blocks x
     16 channels, each thread holding the PH phases x VEC channels of one column block (16
     fp32 accumulators: 4 x 4 at s = 2, 8 x 2 at s = 3), so threads = block_c / VEC x
-    block_j: on 8 warps, block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3; fp32 at
-    s = 2 on 4 warps, block_j = 32. Narrow images leave lanes idle (LR 40 at s = 2: 20
-    column blocks of 64). Chosen among 8 / 4 warps so that no AOT compilation spills, as
-    compiled for any shape and as the JIT specialises it (triton 3.9, sm_80 / sm_90): fp32
-    at s = 2 on 8 warps spilled 8 bytes on sm_80 (JIT), fp16 on 4 warps 32 (x1, sm_80).
+    block_j: on 8 warps, block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3; on 4
+    warps (fp32 at s = 2, fp16 / bf16 at s = 3) half that. Narrow images leave lanes idle
+    (LR 40 at s = 2: 20 column blocks of 64). Chosen among 8 / 4 warps so that no AOT
+    compilation spills, as compiled for any shape and as the JIT specialises it (triton 3.9,
+    sm_80 / sm_90): on 8 warps fp32 at s = 2 spilled 8 bytes on sm_80 (JIT) and fp16 / bf16
+    at s = 3 8-24 (sm_80); fp16 at s = 2 on 4 warps 32 (x1, sm_80).
     Not timed on a GPU yet (profiling/NOTES.md).
     Main backward: 1 x 32 queries x 16 channels on 8 warps (2 per thread). Backward to the
     logits: 1 x 32 pixels x 8-channel steps on 4 warps (a pixel-centric kernel like the old
@@ -128,7 +132,9 @@ def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
     128x128x256 x1 backward)."""
     bc = min(16, triton.next_power_of_2(max(1, C)))
     _, vec = _phase_tile(stride * scale, bc)
-    warps = 4 if dtype == torch.float32 and stride * scale == 4 else 8
+    spills_on_8_warps = ((dtype == torch.float32 and stride * scale == 4)
+                         or (dtype != torch.float32 and stride * scale == 6))
+    warps = 4 if spills_on_8_warps else 8
     block_j = min(64, warps * 32 * vec // bc)  # threads = block_c / vec x block_j
     return AggregateConfig(block_y=1, block_j=block_j, block_c=bc, num_warps=warps, block_qi=1,
                            block_qj=32, block_qc=bc, q_num_warps=8, block_ly=1, block_lx=32,
@@ -231,7 +237,8 @@ def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
         col = bb * HSTRIDE + v - k_left
         f_ok = use & (row >= 0) & (row < H) & (col >= 0) & (col < W)
         umask = use[:, None] & c_ok[None, :]
-        f = tl.load(f_b + (row * W + col)[:, None] * C + c[None, :],
+        f_off = (row * W + col).to(tl.int64) * C  # int64: F may pass 2^31 elements
+        f = tl.load(f_b + f_off[:, None] + c[None, :],
                     mask=f_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         q_off = m[:, None] * C + c[None, :]
         k_off = nn[:, None] * C + c[None, :]
@@ -285,14 +292,18 @@ def _block_aggregate(acc, wgt, f_b, idx_b, qm_b, qs_b, km_b, kr_b, r, Yp0, Yp, p
             rk = tl.load(kr_b + k_off, mask=umask, other=0.0)
             alpha = sq * rk  # Z = F * alpha + beta
             beta = tl.where(n_ok[None, :, None], mq - mk * alpha, float("nan"))  # bad idx
-            row = u[:, None] + (a * HSTRIDE - k_top)[None, :]  # F row / column of the pixel
-            col = v[:, None] + (bb * HSTRIDE - k_left)[None, :]
+            row0 = a * HSTRIDE - k_top  # (BLOCK_J,) F row / column of the key block's
+            col0 = bb * HSTRIDE - k_left  # first pixel
+            row = u[:, None] + row0[None, :]
+            col = v[:, None] + col0[None, :]
             f_ok = (p_ok[:, None] & use[None, :] & (row >= 0) & (row < H) & (col >= 0)
                     & (col < W))
             # runs of VEC channels per thread for fp32 and 16-bit F alike: the layout of the
-            # fp32 statistics (wider 16-bit vectors would cost a layout conversion per slot)
-            f_off = tl.max_contiguous(((row * W + col) * CS)[:, :, None] + c[None, None, :],
-                                      [1, 1, VEC])
+            # fp32 statistics (wider 16-bit vectors would cost a layout conversion per slot).
+            # The block's first pixel in int64 (F may pass 2^31 elements), the rest in int32
+            blk = (row0.to(tl.int64) * W + col0) * CS
+            f_off = tl.max_contiguous(blk[None, :, None] + ((u * W + v) * CS)[:, None, None]
+                                      + c[None, None, :], [1, 1, VEC])
             f = tl.load(f_b + f_off, mask=f_ok[:, :, None] & c_ok[None, None, :], other=0.0)
             z = f.to(tl.float32) * alpha + beta
             acc += tl.where(p_ok[:, None, None], z * wgt[:, :, None], 0.0)
@@ -345,15 +356,16 @@ def _aggregate_fwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, kr_ptr, logit_
     acc = tl.zeros((P, BLOCK_J, BLOCK_C), tl.float32)
     if WEIGHTED:  # the softmax over ranks per pixel, in fp32: max, then sum of exp
         lg_b = logit_ptr + b64 * k * HW
+        HW64 = tl.cast(HW, tl.int64)  # the rank offsets r * HW reach k * HW
         mx = tl.full((P, BLOCK_J), float("-inf"), tl.float32)
         for r in range(0, k):
-            mx = tl.maximum(mx, tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32))
+            mx = tl.maximum(mx, tl.load(lg_b + r * HW64 + pix, mask=x_ok, other=0.0).to(tl.float32))
         den = tl.zeros((P, BLOCK_J), tl.float32)
         for r in range(0, k):
-            den += tl.exp(tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32) - mx)
+            den += tl.exp(tl.load(lg_b + r * HW64 + pix, mask=x_ok, other=0.0).to(tl.float32) - mx)
         shift = mx + tl.log(den / inv)  # softmax weight / count = exp(logit - shift)
         for r in range(0, k):
-            lr = tl.load(lg_b + r * HW + pix, mask=x_ok, other=0.0).to(tl.float32)
+            lr = tl.load(lg_b + r * HW64 + pix, mask=x_ok, other=0.0).to(tl.float32)
             acc = _block_aggregate(acc, tl.exp(lr - shift), f_b, idx_b, qm_b, qs_b,
                                    km_b, kr_b, r, Yp0, Y + q_top, ph, jb, c, cs_ok, H, W, CS,
                                    m1, m2, n2, N, k, k_top, k_left, HSTRIDE, HPATCH, NSLOT,
@@ -506,7 +518,8 @@ def _aggregate_bwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, gout_p
             col = col0 + v
             f_ok = p_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W)
             fm = f_ok[:, None] & c_ok[None, :]
-            f_off = (row * W + col)[:, None] * C + c[None, :]
+            # the row in int64 (F may pass 2^31 elements), the column in int32
+            f_off = (row.to(tl.int64) * (W * C) + col * C)[:, None] + c[None, :]
             f = tl.load(f_b + f_off, mask=fm, other=0.0).to(tl.float32)
             # g is 0 and f is 0 off the masks: no tl.where needed (mu_k NaN poisons anyway)
             gsum += g
@@ -527,9 +540,12 @@ def _on_device(t: torch.Tensor) -> bool:
     return t.is_cuda or bool(os.environ.get("TRITON_INTERPRET"))
 
 
-def _prepare(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits):
-    """Checks; geometry; channels-last F and channel-contiguous fp32 statistics."""
-    assert feat.dim() == 4 and feat.dtype in _SUPPORTED, \
+def _prepare(kernel, feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits):
+    """Checks; geometry; channels-last F and channel-contiguous fp32 statistics.
+    The sizes the kernels support: any B; F past 2^31 elements (its offsets are int64); per
+    item fewer than 2^31 HR pixels per plane (sH x sW), M * k son indices and M * C query
+    statistics (a 33 MP LR map at C = 256), and (p s) * W * C < 2^31 (int32 offsets)."""
+    assert feat.dim() == 4 and feat.dtype in SUPPORTED, \
         f"feat must be fp32/fp16/bf16 (B, C, H, W); got {feat.dtype} {tuple(feat.shape)}"
     assert _on_device(feat), "feat must be a CUDA tensor (set TRITON_INTERPRET=1 for CPU)"
     B, C, H, W = feat.shape
@@ -541,11 +557,17 @@ def _prepare(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logi
                        ("k_std", k_std, N)):
         assert tuple(t.shape) == (B, C, L), f"{name} must be ({B}, {C}, {L}); got {tuple(t.shape)}"
     k = idx.shape[2]
+    cs = triton.cdiv(C, 4) * 4  # the forward's channel stride
+    for what, count in (("HR pixels per plane sH * sW", scale * H * scale * W),
+                        ("son indices per item M * k", M * k),
+                        ("query statistics per item M * C", M * cs),
+                        ("(p s) * W * C", geo.hr_patch * W * cs)):
+        check_int32(kernel, what, count)
     if logits is not None:
         want = (B, k, scale * H, scale * W)
         assert tuple(logits.shape) == want, \
             f"logits must be (B, k, sH, sW) = {want}; got {tuple(logits.shape)}"
-        assert logits.dtype in _SUPPORTED, f"logits: fp32, fp16 or bf16 only; got {logits.dtype}"
+        assert logits.dtype in SUPPORTED, f"logits: fp32, fp16 or bf16 only; got {logits.dtype}"
         logits = logits.contiguous()
     if _debug() and not idx.is_cuda and idx.numel():
         # device asserts are no-ops under the interpreter: the same check, on the host
@@ -580,6 +602,7 @@ def _launch_options(num_warps: int, num_stages: int) -> dict:
     return opts
 
 
+@on_tensor_device
 def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
                     q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
                     scale: int, patch: int = 3, stride: int = 2,
@@ -594,7 +617,7 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
     (reference.graph.weighted_sum), without materialising knn_hr.
     An idx outside [0, N) gives NaN where it is used (IGNN_TRITON_DEBUG=1: an assertion)."""
     geo, f_cl, idx, (qm, qs, km, ks), logits = _prepare(
-        feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
+        "patch_aggregate", feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
     B, C, H, W = feat.shape
     k = idx.shape[2]
     HO, WO = scale * H, scale * W
@@ -611,10 +634,9 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
         f_cl, qm, qs, km, kr = [torch.nn.functional.pad(t, (0, -C % 4))
                                 for t in (f_cl, qm, qs, km, kr)]
     col_blocks = triton.cdiv(scale * geo.query_w.pad_before + WO, geo.hr_stride)
-    grid = (triton.cdiv(HO, cfg.block_y) * triton.cdiv(col_blocks, cfg.block_j),
-            triton.cdiv(C, cfg.block_c), B)
+    tiles = triton.cdiv(HO, cfg.block_y) * triton.cdiv(col_blocks, cfg.block_j)
     ph, vec = _phase_tile(geo.hr_stride, cfg.block_c)
-    _aggregate_fwd_kernel[grid](
+    _aggregate_fwd_kernel[grid("patch_aggregate", tiles, triton.cdiv(C, cfg.block_c), B)](
         f_cl, idx, qm, qs, km, kr, logits if weighted else out, out, *_geo_args(geo, C, k),
         **_geo_constexprs(geo), PH=ph, VEC=vec, BLOCK_Y=cfg.block_y, BLOCK_J=cfg.block_j,
         BLOCK_C=cfg.block_c, WEIGHTED=weighted, DEBUG=_debug(),
@@ -622,6 +644,7 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
     return out
 
 
+@on_tensor_device
 def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
                              q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
                              grad_out: torch.Tensor, scale: int, patch: int = 3,
@@ -635,9 +658,11 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
     (B, k, sH, sW)) or None). grad_feat and the key-statistics gradients are accumulated
     with fp32 atomics: correct to rounding but not bit-deterministic run to run; the others
     are deterministic. Cast grad_feat to feat's dtype after adding the statistics' own
-    backward (kernels.patch_stats_backward(..., out=grad_feat))."""
+    backward (kernels.patch_stats_backward(..., out=grad_feat)). An idx outside [0, N)
+    contributes nothing (IGNN_TRITON_DEBUG=1: an assertion)."""
     geo, f_cl, idx, (qm, qs, km, ks), logits = _prepare(
-        feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
+        "patch_aggregate_backward", feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride,
+        logits)
     B, C, H, W = feat.shape
     k = idx.shape[2]
     M, N = geo.num_queries, geo.num_keys
@@ -656,22 +681,22 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
     if B * C * H * W == 0 or k == 0:
         return (gf.permute(0, 3, 1, 2).contiguous(), gqm, gqs,
                 gkm.transpose(1, 2).contiguous(), gks.transpose(1, 2).contiguous(), glogits)
-    cfg = config or default_aggregate_config(C, feat.dtype)
+    cfg = config or default_aggregate_config(C, feat.dtype, scale, stride)
     args = _geo_args(geo, C, k)
     consts = _geo_constexprs(geo)
     if weighted:
         w = torch.empty(B, k, HO, WO, device=dev, dtype=torch.float32)
-        grid = (_pixel_tiles(HO, WO, cfg.block_ly, cfg.block_lx), B)
-        _aggregate_bwd_logits_kernel[grid](
+        tiles = _pixel_tiles(HO, WO, cfg.block_ly, cfg.block_lx)
+        _aggregate_bwd_logits_kernel[grid("patch_aggregate_backward", tiles, B)](
             f_cl, idx, qm, qs, km, ks, logits, grad_out, glogits, w, *args, **consts,
             KPAD=triton.next_power_of_2(k), BLOCK_Y=cfg.block_ly, BLOCK_X=cfg.block_lx,
             BLOCK_C=cfg.block_lc, DEBUG=_debug(),
             **_launch_options(cfg.l_num_warps, cfg.num_stages))
     else:
         w = qm  # unused
-    grid = (triton.cdiv(geo.m1, cfg.block_qi) * triton.cdiv(geo.m2, cfg.block_qj),
-            triton.cdiv(C, cfg.block_qc), B)
-    _aggregate_bwd_kernel[grid](
+    tiles = triton.cdiv(geo.m1, cfg.block_qi) * triton.cdiv(geo.m2, cfg.block_qj)
+    launch = grid("patch_aggregate_backward", tiles, triton.cdiv(C, cfg.block_qc), B)
+    _aggregate_bwd_kernel[launch](
         f_cl, idx, qm, qs, km, ks, grad_out, w, gf, gqm, gqs, gkm, gks, *args, **consts,
         BLOCK_QI=cfg.block_qi, BLOCK_QJ=cfg.block_qj, BLOCK_C=cfg.block_qc, WEIGHTED=weighted,
         DEBUG=_debug(), **_launch_options(cfg.q_num_warps, cfg.num_stages))
@@ -682,11 +707,10 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
 # --------------------------------------------------------------------------- AOT specs
 
 # Default configs for the model: C = 256 (paper; 64 for small models uses the same tiles),
-# k = 5, p = 3, t = 2, s = 2 (x2 and x4 models) for every dtype, s = 3 (x3) for fp32.
+# k = 5, p = 3, t = 2, s = 2 (x2 and x4 models) and s = 3 (x3), every dtype.
 DEFAULT_CONFIGS = [
     {"dtype": dt, "C": 256, "k": 5, "scale": s, "config": default_aggregate_config(256, dt, s)}
-    for dt, s in ((torch.float32, 2), (torch.float16, 2), (torch.bfloat16, 2),
-                  (torch.float32, 3))
+    for s in (2, 3) for dt in SUPPORTED
 ]
 
 _INT_ARGS = ("H", "W", "C", "m1", "m2", "n2", "N", "k", "HO", "WO", "q_top", "q_left",
@@ -698,7 +722,7 @@ def aot_specs(configs=None):
     the default configs (DEBUG off); consumed by kernels.aot and tests/test_aot.py."""
     specs = []
     for c in configs or DEFAULT_CONFIGS:
-        ty, s, cfg = _TL_TYPES[c["dtype"]], c["scale"], c["config"]
+        ty, s, cfg = TL_TYPES[c["dtype"]], c["scale"], c["config"]
         geo = {"HSTRIDE": 2 * s, "HPATCH": 3 * s, "NSLOT": triton.cdiv(3 * s, 2 * s)}
         # the JIT's view at a typical shape: LR 128 x 128 (192 x 192 for s = 3), B = 1
         lr = 128 if s == 2 else 192

@@ -50,7 +50,11 @@ Design
 * Edge features: a second, memory-bound kernel. The ops API hands idx in separately, and
   the work is ~1/(wh*ww) of the matching, so fusing it would only add registers to the hot
   loop. One program = BLOCK_Q (query, rank) pairs x BLOCK_E channels; it gathers both
-  patches from the packed channels-last copies and sums |q - k| in fp32.
+  patches from the packed channels-last copies and sums |q - k| in fp32. An idx outside
+  [0, N) reads nothing and gives NaN (as the aggregation does).
+* Sizes: a patch's offset in a packed map is int64 (an LR map of 33 MP at E = 64 passes
+  2^31 elements); the son-grid limit of the packed son rows and columns and the int32
+  bounds are checked in the launchers (_check_sizes), with an error that says to tile.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import GraphGeometry, graph_geometry, window_start
+from .utils import SUPPORTED, TILE_ADVICE, TL_TYPES, check_int32, grid, on_tensor_device
 
 __all__ = ["KnnConfig", "EdgeConfig", "patch_knn", "edge_features", "default_knn_config",
            "default_edge_config", "auto_splits", "launch_splits", "CTAS_PER_SM",
@@ -81,8 +86,6 @@ _MAX_SPLITS = 16
 # the whole-scan and split kernels (triton 3.9; tests/test_aot.py recomputes them; sm_80
 # 16-bit: 168 and 180 registers, 3 and 2 programs). Other archs: 2.
 CTAS_PER_SM = {(False, 8): 2, (True, 8): 2, (False, 9): 4, (True, 9): 3}
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # --------------------------------------------------------------------------- configs
@@ -156,10 +159,12 @@ def _pack_kernel(x_ptr, out_ptr, E, h, w, Hp, Wp, top, left,
                  EP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b, r, c, e] = x[b, e, r - top, c - left] inside the map, 0 in the padding and for
     e >= E: the zero-padded channels-last copy (B, Hp, Wp, EP) of x (B, E, h, w), one row of
-    BLOCK_W pixels per program (loads coalesced along w, stores along e)."""
-    pid_w = tl.program_id(0)
-    r = tl.program_id(1)
-    b = tl.program_id(2)
+    BLOCK_W pixels per program (loads coalesced along w, stores along e). Program
+    (r * cdiv(Wp, BLOCK_W) + column block, b): the row count on grid axis 0."""
+    nwb = tl.cdiv(Wp, BLOCK_W)
+    r = tl.program_id(0) // nwb
+    pid_w = tl.program_id(0) - r * nwb
+    b = tl.program_id(1)
     c = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     src_r = tl.zeros((BLOCK_W,), tl.int32) + (r - top)  # a vector: scalar masks trip the interpreter
     src_c = c - left
@@ -169,7 +174,7 @@ def _pack_kernel(x_ptr, out_ptr, E, h, w, Hp, Wp, top, left,
     re = tl.arange(0, BLOCK_C)
     for e0 in tl.static_range(0, EP, BLOCK_C):
         e = e0 + re
-        v = tl.load(src[None, :] + e[:, None] * h * w,
+        v = tl.load(src[None, :] + e.to(tl.int64)[:, None] * (h * w),
                     mask=(e[:, None] < E) & in_px[None, :], other=0.0)  # (BC, BW)
         tl.store(dst[None, :] + e[:, None], v, mask=(c[None, :] < Wp) & (e[:, None] < EP))
 
@@ -186,7 +191,7 @@ def _patch_sqnorm_kernel(x_ptr, out_ptr, Hp, Wp, g1, g2,
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = p < G
     pc = tl.where(valid, p, 0)
-    off = ((pc // g2) * STRIDE * Wp + (pc % g2) * STRIDE) * EP
+    off = ((pc // g2) * STRIDE * Wp + (pc % g2) * STRIDE).to(tl.int64) * EP
     base = x_ptr + b.to(tl.int64) * Hp * Wp * EP
     re = tl.arange(0, BLOCK_E)
     acc = tl.zeros((BLOCK_P, BLOCK_E), tl.float32)
@@ -260,7 +265,7 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr, keys_pt
     ci = _window_start(i, scale, wh, n1)  # (BM,)
     cj = _window_start(j, scale, ww, n2)
     m = i * m2 + j
-    q_off = (i * STRIDE * Wq + j * STRIDE) * EP  # (BM,) offset of the patch's first pixel
+    q_off = (i * STRIDE * Wq + j * STRIDE).to(tl.int64) * EP  # (BM,) the patch's first pixel
     qn = tl.load(qn_ptr + b.to(tl.int64) * M + m)  # (BM,) fp32
 
     # ---- the union of their windows: son rows [a0, a0 + urows), cols [b0, b0 + ucols)
@@ -299,7 +304,7 @@ def _patch_knn_kernel(yq_ptr, xk_ptr, qn_ptr, kn_ptr, dist_ptr, idx_ptr, keys_pt
         bb = b0 + (rc & 0xFFFF)
         a_in = tl.minimum(a, n1 - 1)  # = a for t < count; loads stay in the map
         n = a_in * n2 + bb  # (BN,) son index
-        k_off = (a_in * STRIDE * Wk + bb * STRIDE) * EP
+        k_off = (a_in * STRIDE * Wk + bb * STRIDE).to(tl.int64) * EP
         kn = tl.load(kn_b + n)  # (BN,) fp32
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -360,10 +365,9 @@ def _knn_merge_kernel(keys_ptr, dist_ptr, idx_ptr, rows, k, width,
     """dist, idx (rows, k) from keys (rows, width = splits * k): per row the k smallest of its
     splits' sets. Exact: every candidate was scanned by one split, which kept it if it is among
     its k best, so the row's k best are among the kept ones."""
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     c = tl.arange(0, WPAD)[None, :]
-    valid = q < rows
-    row = q.to(tl.int64)
+    valid = row < rows
     keys = tl.load(keys_ptr + row[:, None] * width + c, mask=valid[:, None] & (c < width),
                    other=_INT64_MAX)
     _emit_sorted(keys, row * k, k, valid, dist_ptr, idx_ptr)
@@ -375,7 +379,8 @@ def _edge_features_kernel(yq_ptr, xk_ptr, idx_ptr, out_ptr,
                           STRIDE: tl.constexpr, PATCH: tl.constexpr, EP: tl.constexpr,
                           BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr):
     """out[b, m, r, c] = sum over the patch of |yq patch(m) - xk patch(idx[b, m, r])| (fp32 sum,
-    stored in out's dtype). yq, xk: zero-padded channels-last maps with EP channels."""
+    stored in out's dtype); NaN for an idx outside [0, N) (no read). yq, xk: zero-padded
+    channels-last maps with EP channels."""
     pid_q = tl.program_id(0)
     pid_e = tl.program_id(1)
     b = tl.program_id(2)
@@ -384,19 +389,22 @@ def _edge_features_kernel(yq_ptr, xk_ptr, idx_ptr, out_ptr,
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_valid = e < E
     n = tl.load(idx_ptr + b.to(tl.int64) * MK + t, mask=t_valid, other=0)
-    n = tl.minimum(tl.maximum(n, 0), N - 1).to(tl.int32)  # never read outside the son map
+    n_ok = (n >= 0) & (n < N)
+    n = tl.where(n_ok, n, 0).to(tl.int32)  # never read outside the son map
     m = tl.where(t_valid, t, 0) // k
-    q_off = ((m // m2) * STRIDE * Wq + (m % m2) * STRIDE) * EP
-    k_off = ((n // n2) * STRIDE * Wk + (n % n2) * STRIDE) * EP
-    yq = yq_ptr + b.to(tl.int64) * Hq * Wq * EP
-    xk = xk_ptr + b.to(tl.int64) * Hk * Wk * EP
+    # each patch's first pixel (int64: the packed maps may pass 2^31 elements)
+    yq = (yq_ptr + b.to(tl.int64) * Hq * Wq * EP
+          + ((m // m2) * STRIDE * Wq + (m % m2) * STRIDE).to(tl.int64) * EP)  # (BLOCK_Q,)
+    xk = (xk_ptr + b.to(tl.int64) * Hk * Wk * EP
+          + ((n // n2) * STRIDE * Wk + (n % n2) * STRIDE).to(tl.int64) * EP)
     mask = t_valid[:, None] & e_valid[None, :]
+    k_mask = mask & n_ok[:, None]  # a bad idx reads nothing: NaN
     acc = tl.zeros((BLOCK_Q, BLOCK_E), tl.float32)
     for pos in range(0, PATCH * PATCH):  # not unrolled: 9 tiles of loads in flight spill
-        qv = tl.load(yq + q_off[:, None] + ((pos // PATCH) * Wq + pos % PATCH) * EP + e[None, :],
+        qv = tl.load(yq[:, None] + ((pos // PATCH) * Wq + pos % PATCH) * EP + e[None, :],
                      mask=mask, other=0.0)
-        kv = tl.load(xk + k_off[:, None] + ((pos // PATCH) * Wk + pos % PATCH) * EP + e[None, :],
-                     mask=mask, other=0.0)
+        kv = tl.load(xk[:, None] + ((pos // PATCH) * Wk + pos % PATCH) * EP + e[None, :],
+                     mask=k_mask, other=float("nan"))
         acc += tl.abs(qv.to(tl.float32) - kv.to(tl.float32))
     out = out_ptr + (b.to(tl.int64) * MK + t)[:, None] * E + e[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -406,7 +414,7 @@ def _edge_features_kernel(yq_ptr, xk_ptr, idx_ptr, out_ptr,
 
 def _check(t: torch.Tensor, name: str) -> None:
     assert t.is_contiguous(), f"{name} must be contiguous"
-    assert t.dtype in _SUPPORTED, f"{name}: fp32, fp16 or bf16 only; got {t.dtype}"
+    assert t.dtype in SUPPORTED, f"{name}: fp32, fp16 or bf16 only; got {t.dtype}"
     if not os.environ.get("TRITON_INTERPRET"):
         assert t.is_cuda, f"{name} must be a CUDA tensor (set TRITON_INTERPRET=1 for CPU)"
 
@@ -417,7 +425,7 @@ def _padded_channels_last(x: torch.Tensor, grid_h, grid_w, ep: int) -> torch.Ten
     B, E, h, w = x.shape
     Hp, Wp = grid_h.padded, grid_w.padded
     out = torch.empty(B, Hp, Wp, ep, device=x.device, dtype=x.dtype)
-    _pack_kernel[(triton.cdiv(Wp, _PACK_BLOCK_W), Hp, B)](
+    _pack_kernel[grid("pack", triton.cdiv(Wp, _PACK_BLOCK_W) * Hp, B)](
         x, out, E, h, w, Hp, Wp, grid_h.pad_before, grid_w.pad_before, EP=ep,
         BLOCK_W=_PACK_BLOCK_W, BLOCK_C=min(64, triton.next_power_of_2(ep)), num_warps=4)
     return out
@@ -426,28 +434,40 @@ def _padded_channels_last(x: torch.Tensor, grid_h, grid_w, ep: int) -> torch.Ten
 def _sqnorms(xp: torch.Tensor, g1: int, g2: int, geo: GraphGeometry, block_e: int) -> torch.Tensor:
     B, Hp, Wp, EP = xp.shape
     out = torch.empty(B, g1 * g2, device=xp.device, dtype=torch.float32)
-    _patch_sqnorm_kernel[(triton.cdiv(g1 * g2, _SQNORM_BLOCK_P), B)](
+    _patch_sqnorm_kernel[grid("patch_sqnorm", triton.cdiv(g1 * g2, _SQNORM_BLOCK_P), B)](
         xp, out, Hp, Wp, g1, g2, STRIDE=geo.stride, PATCH=geo.patch, EP=EP,
         BLOCK_P=_SQNORM_BLOCK_P, BLOCK_E=block_e, num_warps=4)
     return out
 
 
+def _check_sizes(kernel: str, geo: GraphGeometry, k: int, ep: int) -> None:
+    """The sizes the k-NN and edge kernels support: any B; packed maps past 2^31 elements
+    (offsets of patches in them are int64); per item fewer than 2^31 LR pixels per plane,
+    M * k matches and p * (padded W) * E (int32 offsets within a patch)."""
+    check_int32(kernel, "LR pixels per plane H * W", geo.query_h.size * geo.query_w.size)
+    check_int32(kernel, "matches per item M * k", geo.num_queries * k)
+    check_int32(kernel, "p * W * E", geo.patch * geo.query_w.padded * ep)
+
+
+@on_tensor_device
 def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: int = 30,
               patch: int = 3, stride: int = 2, *, config: KnnConfig | None = None):
     """dist (B, M, k) fp32 ascending, idx (B, M, k) int64: the k nearest son patches of every
     query patch inside its window (reference.graph.patch_knn semantics, NaN last)."""
     _check(ye, "ye")
     _check(xe, "xe")
-    assert xe.dtype == ye.dtype and xe.device == ye.device
+    assert xe.dtype == ye.dtype
     B, E, H, W = ye.shape
     geo = graph_geometry(H, W, scale, patch, stride, window)
     assert 1 <= k <= geo.num_candidates, f"k = {k} outside [1, {geo.num_candidates}]"
-    assert geo.n1 < 1 << 15 and geo.n2 < 1 << 16, (
-        f"son grid {geo.n1} x {geo.n2} patches: the k-NN kernel packs a son row (< 2^15) and "
-        "column (< 2^16) into one int32; process the image in tiles")
+    if geo.n1 >= 1 << 15 or geo.n2 >= 1 << 16:
+        raise ValueError(f"patch_knn: son grid {geo.n1} x {geo.n2} patches, past the kernel's "
+                         "2^15 x 2^16 (it packs a son row and column into one int32); "
+                         + TILE_ADVICE)
     cfg = config or default_knn_config(E, k, ye.dtype)
     assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_e >= 16, cfg
     ep = triton.cdiv(E, cfg.block_e) * cfg.block_e
+    _check_sizes("patch_knn", geo, k, ep)
     yq = _padded_channels_last(ye, geo.query_h, geo.query_w, ep)
     xk = _padded_channels_last(xe, geo.son_h, geo.son_w, ep)
     qn = _sqnorms(yq, geo.m1, geo.m2, geo, cfg.block_e)
@@ -459,7 +479,7 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
     splits = launch_splits(geo, cfg, B, ye.device, ye.dtype)
     keys = idx if splits == 1 else torch.empty(B, M, splits * k, device=ye.device,
                                                dtype=torch.int64)
-    _patch_knn_kernel[(blocks[0] * splits, blocks[1], B)](
+    _patch_knn_kernel[grid("patch_knn", blocks[0] * splits, blocks[1], B)](
         yq, xk, qn, kn, dist, idx, keys,
         yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
         geo.m1, geo.m2, geo.n1, geo.n2, geo.window_h, geo.window_w, k, geo.scale, splits,
@@ -468,7 +488,7 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
         PRECISION=_precision(cfg, ye.dtype), PARTIAL=splits > 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if splits > 1:
-        _knn_merge_kernel[(triton.cdiv(B * M, _MERGE_BLOCK_Q),)](
+        _knn_merge_kernel[grid("knn_merge", triton.cdiv(B * M, _MERGE_BLOCK_Q))](
             keys, dist, idx, B * M, k, splits * k, BLOCK_Q=_MERGE_BLOCK_Q,
             WPAD=triton.next_power_of_2(splits * k), num_warps=4)
     return dist, idx
@@ -533,14 +553,15 @@ def auto_splits(programs: int, tiles: int, sms: int, per_sm: int) -> int:
     return best
 
 
+@on_tensor_device
 def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: int = 3,
                   stride: int = 2, *, config: EdgeConfig | None = None) -> torch.Tensor:
     """diff (B, M, k, E) in ye's dtype: per channel, the sum over the patch positions of
-    |query patch - neighbour patch| (reference.graph.edge_features). idx values are clamped
-    into [0, N) (the ops layer validates them)."""
+    |query patch - neighbour patch| (reference.graph.edge_features); NaN (every channel)
+    for an idx outside [0, N), which is never read."""
     _check(ye, "ye")
     _check(xe, "xe")
-    assert idx.is_contiguous() and idx.dtype == torch.int64 and idx.device == ye.device
+    assert idx.is_contiguous() and idx.dtype == torch.int64
     B, E, H, W = ye.shape
     scale = H // xe.shape[2]
     geo = graph_geometry(H, W, scale, patch, stride, 1)
@@ -549,13 +570,14 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: 
     k = idx.shape[2]
     cfg = config or default_edge_config(E, ye.dtype)
     ep = triton.cdiv(E, 8) * 8  # channel stride a multiple of 8: 16-byte vector loads
+    _check_sizes("edge_features", geo, k, ep)
     yq = _padded_channels_last(ye, geo.query_h, geo.query_w, ep)
     xk = _padded_channels_last(xe, geo.son_h, geo.son_w, ep)
     out = torch.empty(B, M, k, E, device=ye.device, dtype=ye.dtype)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(M * k, cfg.block_q), triton.cdiv(E, cfg.block_e), B)
-    _edge_features_kernel[grid](
+    launch = grid("edge_features", triton.cdiv(M * k, cfg.block_q), triton.cdiv(E, cfg.block_e), B)
+    _edge_features_kernel[launch](
         yq, xk, idx, out, yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
         geo.m2, geo.n2, geo.num_keys, M * k, k, E,
         STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_Q=cfg.block_q, BLOCK_E=cfg.block_e,
@@ -569,7 +591,7 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: 
 DEFAULT_CONFIGS = [
     {"dtype": dt, "E": 64, "k": 5, "knn": default_knn_config(64, 5, dt),
      "edge": default_edge_config(64, dt)}
-    for dt in _SUPPORTED
+    for dt in SUPPORTED
 ]
 
 
@@ -578,7 +600,7 @@ def aot_specs(configs=None):
     the given default configs, all dtypes; consumed by kernels.aot and tests/test_aot.py."""
     specs = []
     for c in configs or DEFAULT_CONFIGS:
-        ty = _TL_TYPES[c["dtype"]]
+        ty = TL_TYPES[c["dtype"]]
         knn, edge = c["knn"], c["edge"]
         ep = triton.cdiv(c["E"], knn.block_e) * knn.block_e
         # the JIT's view at the bench's shape: LR 256 x 256, s = 2, window 30, B = 1

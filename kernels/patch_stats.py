@@ -7,6 +7,8 @@ Design
 * One kernel serves both patch grids: patch, stride, padding and grid size are arguments
   (patch and stride constexpr). `query_grid_args` / `key_grid_args` give them from
   ignn_triton.geometry.graph_geometry.
+* Grids (tiles, C, B): the tile count, the only large one, on axis 0 (CUDA caps axes 1 and 2
+  at 65535; a 4100 x 4100 map has 65664 backward tiles of 256 pixels).
 * Forward: one program = BLOCK_G patches of one (b, c) plane. The whole patch is loaded as
   a (BLOCK_G, PP) register tile (PP = next_pow2(p*p); out-of-map taps are the zero padding,
   taps >= p*p are masked out), so the variance is an exact two-pass in fp32 with a single
@@ -26,13 +28,12 @@ import triton
 import triton.language as tl
 
 from ..geometry import graph_geometry
+from .utils import SUPPORTED, TL_TYPES, check_int32, grid, on_tensor_device
 
 __all__ = ["StatsConfig", "patch_stats", "patch_stats_backward", "query_grid_args",
            "key_grid_args", "default_stats_config", "DEFAULT_CONFIGS", "aot_specs"]
 
 EPS = 1e-5  # added to the unbiased variance (spec section 6)
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # --------------------------------------------------------------------------- configs
@@ -72,10 +73,11 @@ def _patch_stats_kernel(x_ptr, mean_ptr, std_ptr, H, W, pad_top, pad_left, gh, g
                         PATCH: tl.constexpr, STRIDE: tl.constexpr, PP: tl.constexpr,
                         BLOCK_G: tl.constexpr):
     """mean/std (B*C, gh*gw) fp32 of the PATCH x PATCH patches (stride STRIDE) of the
-    zero-padded planes x (B*C, H, W). One program = BLOCK_G patches of one plane."""
-    bc = tl.program_id(0)
+    zero-padded planes x (B*C, H, W). Program (tile, c, b) = BLOCK_G patches of plane
+    b * C + c (C = the grid's axis 1)."""
+    bc = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     G = gh * gw
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < G
     gc = tl.where(g_ok, g, 0)
     i = gc // gw
@@ -87,14 +89,14 @@ def _patch_stats_kernel(x_ptr, mean_ptr, std_ptr, H, W, pad_top, pad_left, gh, g
     row = i[:, None] * STRIDE + u[None, :] - pad_top
     col = j[:, None] * STRIDE + v[None, :] - pad_left
     ok = (g_ok[:, None] & q_ok[None, :] & (row >= 0) & (row < H) & (col >= 0) & (col < W))
-    x = tl.load(x_ptr + bc.to(tl.int64) * H * W + row * W + col, mask=ok, other=0.0)
+    x = tl.load(x_ptr + bc * H * W + row * W + col, mask=ok, other=0.0)
     x = x.to(tl.float32)
     NP: tl.constexpr = PATCH * PATCH
     mean = tl.sum(x, 1) / NP
     d = tl.where(q_ok[None, :], x - mean[:, None], 0.0)
     var = tl.sum(d * d, 1) / (NP - 1)
     std = tl.sqrt_rn(var + 1e-5)
-    out = bc.to(tl.int64) * G + g
+    out = bc * G + g
     tl.store(mean_ptr + out, mean, mask=g_ok)
     tl.store(std_ptr + out, std, mask=g_ok)
 
@@ -105,17 +107,18 @@ def _patch_stats_bwd_kernel(x_ptr, mean_ptr, std_ptr, gm_ptr, gs_ptr, out_ptr,
                             PATCH: tl.constexpr, STRIDE: tl.constexpr, NSLOT: tl.constexpr,
                             BLOCK_P: tl.constexpr, ACCUMULATE: tl.constexpr):
     """out[bc, y, x] (+)= sum over the patches g covering (y, x) of
-    gm[g] / n + gs[g] * (x - mean[g]) / ((n - 1) std[g]), n = PATCH^2, fp32."""
-    bc = tl.program_id(0)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    gm[g] / n + gs[g] * (x - mean[g]) / ((n - 1) std[g]), n = PATCH^2, fp32. Program
+    (tile, c, b) = BLOCK_P pixels of plane bc = b * C + c (C = the grid's axis 1)."""
+    bc = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < H * W
     pc = tl.where(p_ok, p, 0)
     yp = pc // W + pad_top  # >= 0: padded coordinates
     xp = pc % W + pad_left
-    plane = bc.to(tl.int64) * H * W
+    plane = bc * H * W
     xv = tl.load(x_ptr + plane + pc, mask=p_ok, other=0.0).to(tl.float32)
     G = gh * gw
-    stats = bc.to(tl.int64) * G
+    stats = bc * G
     NP: tl.constexpr = PATCH * PATCH
     acc = tl.zeros((BLOCK_P,), tl.float32)
     for di in tl.static_range(NSLOT):
@@ -140,16 +143,21 @@ def _patch_stats_bwd_kernel(x_ptr, mean_ptr, std_ptr, gm_ptr, gs_ptr, out_ptr,
 
 def _check_feat(feat: torch.Tensor) -> None:
     assert feat.dim() == 4, f"feat must be (B, C, H, W); got {tuple(feat.shape)}"
-    assert feat.dtype in _SUPPORTED, f"feat: fp32, fp16 or bf16 only; got {feat.dtype}"
+    assert feat.dtype in SUPPORTED, f"feat: fp32, fp16 or bf16 only; got {feat.dtype}"
     assert feat.is_contiguous(), "feat must be contiguous (NCHW)"
 
 
-def _check_grid(H, W, patch, stride, pad_top, pad_left, grid_h, grid_w) -> None:
+def _check_grid(kernel, H, W, patch, stride, pad_top, pad_left, grid_h, grid_w) -> None:
+    """Also the sizes the kernels support: any B and C (plane offsets are int64), planes
+    and patch grids of fewer than 2^31 pixels and patches (int32 within a plane)."""
     assert patch >= 2 and stride >= 1, (patch, stride)
     assert 0 <= pad_top and 0 <= pad_left, (pad_top, pad_left)
     assert grid_h >= 1 and grid_w >= 1, (grid_h, grid_w)
+    check_int32(kernel, "pixels per plane H * W", H * W)
+    check_int32(kernel, "patches per plane", grid_h * grid_w)
 
 
+@on_tensor_device
 def patch_stats(feat: torch.Tensor, patch: int, stride: int, pad_top: int, pad_left: int,
                 grid_h: int, grid_w: int, *, config: StatsConfig | None = None):
     """mean, std: fp32 (B, C, grid_h * grid_w). Patch g = (i, j) covers rows
@@ -159,7 +167,7 @@ def patch_stats(feat: torch.Tensor, patch: int, stride: int, pad_top: int, pad_l
     patch_stats(feat, *key_grid_args(H, W, s))."""
     _check_feat(feat)
     B, C, H, W = feat.shape
-    _check_grid(H, W, patch, stride, pad_top, pad_left, grid_h, grid_w)
+    _check_grid("patch_stats", H, W, patch, stride, pad_top, pad_left, grid_h, grid_w)
     G = grid_h * grid_w
     mean = torch.empty(B, C, G, device=feat.device, dtype=torch.float32)
     std = torch.empty_like(mean)
@@ -167,14 +175,14 @@ def patch_stats(feat: torch.Tensor, patch: int, stride: int, pad_top: int, pad_l
         return mean, std
     cfg = config or default_stats_config(patch)
     block_g = cfg.block_g or default_stats_config(patch).block_g
-    grid = (B * C, triton.cdiv(G, block_g))
-    _patch_stats_kernel[grid](feat, mean, std, H, W, pad_top, pad_left, grid_h, grid_w,
-                              PATCH=patch, STRIDE=stride,
-                              PP=triton.next_power_of_2(patch * patch), BLOCK_G=block_g,
-                              num_warps=cfg.num_warps)
+    _patch_stats_kernel[grid("patch_stats", triton.cdiv(G, block_g), C, B)](
+        feat, mean, std, H, W, pad_top, pad_left, grid_h, grid_w,
+        PATCH=patch, STRIDE=stride, PP=triton.next_power_of_2(patch * patch), BLOCK_G=block_g,
+        num_warps=cfg.num_warps)
     return mean, std
 
 
+@on_tensor_device
 def patch_stats_backward(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                          grad_mean: torch.Tensor | None, grad_std: torch.Tensor | None,
                          patch: int, stride: int, pad_top: int, pad_left: int, grid_h: int,
@@ -185,7 +193,7 @@ def patch_stats_backward(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     it in place and `out` is returned. Deterministic (a gather, no atomics)."""
     _check_feat(feat)
     B, C, H, W = feat.shape
-    _check_grid(H, W, patch, stride, pad_top, pad_left, grid_h, grid_w)
+    _check_grid("patch_stats_backward", H, W, patch, stride, pad_top, pad_left, grid_h, grid_w)
     G = grid_h * grid_w
     shape = (B, C, G)
     for name, t in (("mean", mean), ("std", std)):
@@ -205,11 +213,10 @@ def patch_stats_backward(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     if res.numel() == 0:
         return res
     cfg = config or default_stats_config(patch)
-    grid = (B * C, triton.cdiv(H * W, cfg.block_p))
-    _patch_stats_bwd_kernel[grid](feat, mean, std, gm, gs, res, H, W, pad_top, pad_left,
-                                  grid_h, grid_w, PATCH=patch, STRIDE=stride,
-                                  NSLOT=triton.cdiv(patch, stride), BLOCK_P=cfg.block_p,
-                                  ACCUMULATE=out is not None, num_warps=cfg.num_warps)
+    _patch_stats_bwd_kernel[grid("patch_stats_backward", triton.cdiv(H * W, cfg.block_p), C, B)](
+        feat, mean, std, gm, gs, res, H, W, pad_top, pad_left, grid_h, grid_w, PATCH=patch,
+        STRIDE=stride, NSLOT=triton.cdiv(patch, stride), BLOCK_P=cfg.block_p,
+        ACCUMULATE=out is not None, num_warps=cfg.num_warps)
     return res
 
 
@@ -219,7 +226,7 @@ def patch_stats_backward(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 # for s = 2 and 3, every input dtype.
 DEFAULT_CONFIGS = [
     {"dtype": dt, "patch": p, "stride": t, "config": default_stats_config(p)}
-    for dt in _SUPPORTED for (p, t) in ((3, 2), (6, 4), (9, 6))
+    for dt in SUPPORTED for (p, t) in ((3, 2), (6, 4), (9, 6))
 ]
 
 
@@ -228,12 +235,13 @@ def aot_specs(configs=None):
     the default configs; consumed by kernels.aot.compile_specs and tests/test_aot.py."""
     specs = []
     for c in configs or DEFAULT_CONFIGS:
-        ty, p, t, cfg = _TL_TYPES[c["dtype"]], c["patch"], c["stride"], c["config"]
+        ty, p, t, cfg = TL_TYPES[c["dtype"]], c["patch"], c["stride"], c["config"]
         ints = ("H", "W", "pad_top", "pad_left", "gh", "gw")
         # the JIT's view at a typical shape: an LR 192 x 192 map (divisible by s = 2 and 3)
-        grid = (query_grid_args(192, 192) if p == 3 else
-                key_grid_args(192, 192, p // 3))[2:]
-        opts = {"num_warps": cfg.num_warps, "jit_ints": dict(zip(ints, (192, 192, *grid)))}
+        pads_and_sizes = (query_grid_args(192, 192) if p == 3 else
+                          key_grid_args(192, 192, p // 3))[2:]
+        opts = {"num_warps": cfg.num_warps,
+                "jit_ints": dict(zip(ints, (192, 192, *pads_and_sizes)))}
         sig = {"x_ptr": f"*{ty}", "mean_ptr": "*fp32", "std_ptr": "*fp32"}
         sig.update({n: "i32" for n in ints})
         const = {"PATCH": p, "STRIDE": t, "PP": triton.next_power_of_2(p * p),

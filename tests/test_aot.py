@@ -46,6 +46,17 @@ def test_default_configs_compile_without_spills(module, reports):
             assert r.mma or r.wgmma, f"{r.name} sm_{r.arch} uses no tensor-core instruction"
 
 
+def test_aggregate_table_has_every_dtype_and_scale():
+    """The x3 model runs bf16 by default on CUDA: the aggregation's s = 3 builds of every
+    dtype are in the table (so compiled and checked for spills above), like s = 2's."""
+    pa = importlib.import_module("ignn_triton.kernels.patch_aggregate")
+    names = {name for name, *_ in pa.aot_specs()}
+    for s in (2, 3):
+        for ty in ("fp32", "fp16", "bf16"):
+            for kernel in ("fwd_knn", "fwd_x1", "bwd_knn", "bwd_x1", "bwd_logits"):
+                assert f"aggregate_{kernel}_s{s}[{ty}]" in names, (kernel, s, ty)
+
+
 def _resident_per_sm(r) -> int:
     """Programs of a compiled kernel resident on one SM: registers (allocated per warp in units
     of 256), shared memory (+1 KiB reserved per block; 164 KiB per SM on sm_80, 228 KiB on

@@ -5,7 +5,8 @@ TRITON_INTERPRET=1). Under the interpreter every launch pays ~0.1 ms per tensor 
 program, so the default tests pin one-tile-per-plane configs (few programs); one test
 runs small multi-tile configs to exercise tile edges and channel tails, and a few run the
 forward as the launcher does on a GPU (one HR row per program: compile-time phase masks) in
-small tiles, on small planes.
+small tiles, on small planes. Each default config of the AOT table (every dtype, s = 2 and
+3, and the statistics') runs once as the launchers pick it.
 
 Contract checked (float64 reference computed from the same, already rounded, inputs):
 * statistics: mean and sqrt(unbiased var + 1e-5) of reference.graph.query_stats / key_stats
@@ -406,15 +407,50 @@ def test_bad_idx_poisons_exactly_its_pixels(s, config):
           "x1 with bad idx")
 
 
-def test_default_config_runs():
-    """The launchers' default configs (the AOT-compiled ones) on a small case."""
-    feat, f64, stats, idx, logits = make_case(1, 1, 5, 3, 4, 2, 2, torch.float32)
-    want = ref_knn(f64, idx, *[t.float().double() for t in stats], 2)
-    fd, idd = dev(feat, idx)
-    close(pa.patch_aggregate(fd, idd, *stats32(stats), 2), want, OUT_TOL[torch.float32],
-          "knn default config")
-    m, sd = ps.patch_stats(fd, *ps.query_grid_args(6, 8))
-    close(sd, stats[1], (2e-5, 2e-6), "query std default config")
+def _config_id(c):
+    return f"{c['dtype']}-s{c['scale']}".replace("torch.", "")
+
+
+@pytest.mark.parametrize("c", pa.DEFAULT_CONFIGS, ids=_config_id)
+def test_default_aggregate_configs(c):
+    """Each default config (the AOT-compiled tiles, for every dtype and s = 2, 3) as the
+    launchers pick it (config=None), on a shape it serves (C >= 16), forward (C = 18: two
+    channel blocks, the second partial) and backward (C = 16, k = 1: the interpreter's
+    time), both modes."""
+    dtype, s, C = c["dtype"], c["scale"], 18
+    assert pa.default_aggregate_config(C, dtype, s) == c["config"]
+    feat, f64, stats, idx, logits = make_case(40 + s, 1, C, 3, 4, s, 2, dtype)
+    want = ref_knn(f64, idx, *[t.float().double() for t in stats], s)
+    fd, idd, ld = dev(feat, idx, logits)
+    st32 = stats32(stats)
+    close(pa.patch_aggregate(fd, idd, *st32, s), want, OUT_TOL[dtype], "knn default config")
+    close(pa.patch_aggregate(fd, idd, *st32, s, logits=ld),
+          ref.weighted_sum(want, logits.double()), OUT_TOL[dtype], "x1 default config")
+    for weighted in (False, True):
+        _check_backward(1, 16, 3, 4, s, dtype, 40 + s, 1, weighted, None)
+
+
+@pytest.mark.parametrize("c", ps.DEFAULT_CONFIGS,
+                         ids=lambda c: f"{c['dtype']}-p{c['patch']}".replace("torch.", ""))
+def test_default_stats_configs(c):
+    """Each default statistics config (query patches, key blocks at s = 2 and 3; every
+    dtype) as the launchers pick it, forward and backward, against the reference."""
+    dtype, s = c["dtype"], max(1, c["patch"] // 3)
+    assert ps.default_stats_config(c["patch"]) == c["config"]
+    feat, f64, _, _, _ = make_case(50 + c["patch"], 2, 3, 4, 5, max(s, 2), 1, dtype)
+    H, W = feat.shape[-2:]
+    args = ps.query_grid_args(H, W) if s == 1 else ps.key_grid_args(H, W, s)
+    assert args[:2] == (c["patch"], c["stride"])
+    leaf = f64.clone().requires_grad_(True)
+    mean, std = ref.query_stats(leaf) if s == 1 else ref.key_stats(leaf, s)
+    (fd,) = dev(feat)
+    m, sd = ps.patch_stats(fd, *args)
+    close(m, mean, (2e-5, 2e-6), "mean default config")
+    close(sd, std, (2e-5, 2e-6), "std default config")
+    gm, gs = torch.randn_like(m), torch.randn_like(sd)
+    (want,) = torch.autograd.grad((mean, std), leaf, (gm.double().cpu(), gs.double().cpu()))
+    close(ps.patch_stats_backward(fd, m, sd, gm, gs, *args), want, GRAD_TOL,
+          "stats grad default config")
 
 
 def test_aggregate_forward_deterministic():
@@ -567,4 +603,4 @@ def test_exports():
                  "AggregateConfig"):
         assert getattr(kernels, name) is not None and name in kernels.__all__
     names = [spec[0] for spec in pa.aot_specs()] + [spec[0] for spec in ps.aot_specs()]
-    assert len(names) == len(set(names)) and len(names) == 20 + 18
+    assert len(names) == len(set(names)) and len(names) == 30 + 18

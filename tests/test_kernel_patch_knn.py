@@ -290,6 +290,67 @@ def test_split_scan_equals_whole_scan(window, kind, splits):
     check_knn(ye, xe, k, s, window, *split, exact=kind == "int")
 
 
+def _special(ye, xe):
+    """NaN in a query pixel and in a son pixel, +inf in another son pixel."""
+    ye[0, 1, 5, 6] = float("nan")
+    xe[0, 2, 3, 4] = float("nan")
+    xe[0, 0, 9, 2] = float("inf")
+    return ye, xe
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_default_knn_configs(dtype):
+    """The table's default configs of each dtype (k-NN fp32: tf32x3 on 8 x 8 queries x
+    32-channel steps; fp16: 64-channel steps; edge features) as the launchers pick them,
+    E = 64, on normal data (against the reference) and with NaN and +inf (their ranks as
+    the in-window oracle's: after every number, NaN after +inf, ties to the smaller n).
+    bf16 has the fp16 config (asserted): under the interpreter its tl.dot is broken, on a
+    GPU test_bf16_numerics_gpu runs it."""
+    B, E, H, W, s, window, k = 1, 64, 32, 36, 2, 5, 5
+    table = {c["dtype"]: c["knn"] for c in pk.DEFAULT_CONFIGS}
+    assert pk.default_knn_config(E, k, dtype) == table[dtype]
+    assert table[torch.bfloat16] == table[torch.float16]
+    assert table[torch.float32].fp32_precision == "tf32x3"
+    ye, xe = _make(B, E, H, W, s, dtype, "normal", seed=5)
+    dist, idx = pk.patch_knn(ye.to(DEVICE), xe.to(DEVICE), k, s, window)
+    check_knn(ye, xe, k, s, window, dist, idx)
+    edge = {c["dtype"]: c["edge"] for c in pk.DEFAULT_CONFIGS}[dtype]
+    assert pk.default_edge_config(E, dtype) == edge
+    check_diff(ye, xe, idx, pk.edge_features(ye.to(DEVICE), xe.to(DEVICE), idx))
+    ye, xe = _special(ye, xe)
+    window, k = 3, 9  # every candidate: the ranks of NaN and +inf show
+    dist, idx = pk.patch_knn(ye.to(DEVICE), xe.to(DEVICE), k, s, window)
+    rd, ri = _in_window_oracle(ye, xe, k, s, window)[:2]
+    dist, idx = dist.cpu(), idx.cpu()
+    nan, inf = torch.isnan(rd), torch.isinf(rd)
+    assert nan.any() and inf.any()
+    assert torch.equal(torch.isnan(dist), nan) and torch.equal(torch.isinf(dist), inf)
+    assert torch.equal(idx[nan | inf], ri[nan | inf])
+
+
+def test_default_split_scan(monkeypatch):
+    """The launcher's own split: on an H100's 132 SMs (4 programs each) a 64 x 64 LR map
+    with a 16 x 16 window (16 query blocks, 8 candidate tiles) gets 2 programs per block and
+    the merge kernel; with the table's fp32 config (E = 20) it must give exactly the
+    one-program scan's dist and idx, NaN and +inf included."""
+    B, E, H, W, s, window, k = 1, 20, 64, 64, 2, 16, 5
+    monkeypatch.setattr(pk, "_slots", lambda device, dtype: (132, 4))
+    cfg = pk.default_knn_config(E, k, torch.float32)
+    assert cfg == pk.DEFAULT_CONFIGS[0]["knn"] and cfg.splits is None
+    geo = graph_geometry(H, W, s, 3, 2, window)
+    assert pk.launch_splits(geo, cfg, B, DEVICE, torch.float32) == 2
+    ye, xe = _special(*_make(B, E, H, W, s, torch.float32, "normal", seed=6))
+    args = (ye.to(DEVICE), xe.to(DEVICE), k, s, window)
+    split = pk.patch_knn(*args)
+    whole = pk.patch_knn(*args, config=dataclasses.replace(cfg, splits=1))
+    torch.testing.assert_close(split[0], whole[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(split[1], whole[1])
+    rd, ri = _in_window_oracle(ye, xe, k, s, window)[:2]
+    special = torch.isnan(rd) | torch.isinf(rd)
+    assert special.any() and torch.equal(split[1].cpu()[special], ri[special])
+
+
 def test_auto_splits():
     """The launcher's split count at the bench's shapes on an H100 (132 SMs; resident
     programs per SM from patch_knn.CTAS_PER_SM: 4 for fp16 / bf16, 3 for fp32)."""

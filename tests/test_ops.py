@@ -1,11 +1,14 @@
-"""The torch (CPU) path of ignn_triton.ops against reference/, in float64."""
+"""The torch (CPU) path of ignn_triton.ops against reference/, in float64; and where the two
+paths must agree beyond the reference: out-of-range indices, deterministic mode."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import ignn_triton.reference as R
-from ignn_triton import ops
+from ignn_triton import kernels, ops
 from ignn_triton.geometry import graph_geometry
+
+CUDA = torch.cuda.is_available()
 
 
 @st.composite
@@ -162,15 +165,105 @@ def test_k_larger_than_the_window_is_refused():
         ops.patch_knn(ye, xe, 5, 2, 2)
 
 
-def test_out_of_range_indices_are_refused():
-    ye, xe, feat = _inputs(1, 3, 12, 12, 2, 0)
-    idx = torch.full((1, 36, 2), 9, dtype=torch.int64)  # N = 9
-    with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
-        ops.edge_features(ye, xe, idx, 2)
-    with pytest.raises(ValueError, match=r"outside \[0, 9\)"):
-        ops.patch_aggregate(feat, idx, ops.query_stats(feat), ops.key_stats(feat, 2), 2)
+def _kernel_path(monkeypatch):
+    """Where the Triton kernels run behind ops: CUDA with a GPU; else CPU tensors through the
+    CUDA dispatch, the kernels under the interpreter (conftest sets TRITON_INTERPRET=1)."""
+    if CUDA:
+        return torch.device("cuda")
+    monkeypatch.setattr(ops, "_use_triton", lambda *tensors: kernels.HAS_TRITON and all(
+        t.dtype != torch.float64 for t in tensors if t.is_floating_point()))
+    return torch.device("cpu")
+
+
+def _bad_idx_case():
+    ye, xe, feat = (t.float() for t in _inputs(1, 3, 12, 10, 2, 0, C=4))
+    geo = graph_geometry(12, 10, 2)
+    idx = torch.randint(0, geo.num_keys, (1, geo.num_queries, 2),
+                        generator=torch.Generator().manual_seed(1))
+    idx[0, 0, 0] = geo.num_keys  # first query, rank 0
+    idx[0, 7, 1] = -1
+    idx[0, -1, 0] = geo.num_keys + 100  # last query
+    logits = torch.randn(1, 2, 24, 20, generator=torch.Generator().manual_seed(2))
+    return ye, xe, feat, idx, logits, geo
+
+
+def _ops_results(ye, xe, feat, idx, logits, device):
+    """edge features; knn_hr and x1_hr with the gradients of a random loss (feat, logits)."""
+    ye, xe, idx, logits = (t.to(device) for t in (ye, xe, idx, logits))
+    out = {"diff": ops.edge_features(ye, xe, idx, 2)}
+    for name, lg in (("knn", None), ("x1", logits)):
+        f = feat.to(device).requires_grad_()
+        lg = None if lg is None else lg.clone().requires_grad_()
+        y = ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, 2), 2, logits=lg)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+        torch.nan_to_num(y * g).sum().backward()
+        out[name], out[name + " grad feat"] = y, f.grad
+        if lg is not None:
+            out["x1 grad logits"] = lg.grad
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def test_out_of_range_indices_give_nan_on_both_paths(monkeypatch):
+    """An idx entry outside [0, N) (unchecked: checking would synchronise with the GPU) gives
+    NaN exactly where it is used, on the torch path and through the kernels alike: its edge
+    features (every channel), the HR pixels of its query's patch in its rank's knn_hr plane
+    and in x1_hr; no contribution to the gradient of F; NaN in the logits' gradient at
+    those pixels. Elsewhere both paths agree with each other."""
+    ye, xe, feat, idx, logits, geo = _bad_idx_case()
+    torch_path = _ops_results(ye, xe, feat, idx, logits, "cpu")
+    device = _kernel_path(monkeypatch)
+    kernel_path = _ops_results(ye, xe, feat, idx, logits, device)
+    bad = (idx < 0) | (idx >= geo.num_keys)  # (B, M, k)
+    cols = bad.permute(0, 2, 1)[:, :, None, :].double().expand(1, 2, 36, geo.num_queries)
+    nan_hr = R.fold_hr(cols, (12, 10), 2) > 0  # (B, k, sH, sW)
+    want_nan = {"diff": bad[..., None].expand(-1, -1, -1, 3),
+                "knn": nan_hr[:, :, None].expand(-1, -1, 4, -1, -1),
+                "x1": nan_hr.any(1, keepdim=True).expand(-1, 4, -1, -1),
+                "x1 grad logits": nan_hr.any(1, keepdim=True).expand(-1, 2, -1, -1)}
+    for name, got in torch_path.items():
+        nan = want_nan.get(name, torch.zeros_like(got, dtype=torch.bool))
+        for path, value in (("torch", got), ("kernels", kernel_path[name])):
+            assert torch.equal(torch.isnan(value), nan), f"{name}, {path} path: NaN pattern"
+        torch.testing.assert_close(kernel_path[name], got, rtol=1e-4, atol=1e-4, equal_nan=True,
+                                   msg=name)
     with pytest.raises(ValueError, match="int64"):
         ops.edge_features(ye, xe, idx.int(), 2)
+
+
+def test_deterministic_algorithms_take_the_torch_backward(monkeypatch):
+    """The kernels' aggregation backward adds with fp32 atomics (the order varies run to run).
+    Under torch.use_deterministic_algorithms(True) the torch implementation runs instead:
+    the same gradients to rounding, bit-identical from run to run; off, the kernel runs."""
+    device = _kernel_path(monkeypatch)
+    calls = []
+    for owner, name in ((kernels, "patch_aggregate_backward"), (ops, "_aggregate_backward_torch")):
+        def spy(*args, _fn=getattr(owner, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(owner, name, spy)
+    _, _, feat, idx, logits, geo = _bad_idx_case()
+    idx = idx.clamp(0, geo.num_keys - 1).to(device)
+    logits = logits.to(device)
+
+    def gradients():
+        f = feat.to(device).requires_grad_()
+        lg = logits.clone().requires_grad_()
+        y = ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, 2), 2, logits=lg)
+        (y * torch.linspace(-1, 1, y.numel(), device=device).view(y.shape)).sum().backward()
+        return f.grad, lg.grad
+
+    kernel_grads = gradients()
+    assert calls == ["patch_aggregate_backward"]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = gradients(), gradients()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls[1:] == ["_aggregate_backward_torch"] * 2
+    for a, b, k in zip(first, second, kernel_grads):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, k, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("s, H, W", [(2, 18, 10), (3, 21, 27), (2, 8, 14)])

@@ -1,5 +1,6 @@
 """NVTX / record_function stage ranges (forward and backward), and the profiling scripts'
 CPU smoke runs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -272,18 +273,81 @@ def test_memory_script_writes_every_shape(tmp_path, capsys):
     assert all(0 < r["forward_ours"] < r["forward_backward_ours"] for r in rows)
 
 
-def test_gpu_session_script_runs_a_step_and_rejects_unknown_ones(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    script = str(root / "profiling" / "gpu_session.sh")
+def _gpu_check_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "profiling" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("ignn_profiling_gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_arguments(tmp_path):
+    """The shell entry point: an unknown step is refused before anything runs or is written;
+    --dry-run lists the commands, most important first."""
+    script = str(Path(__file__).resolve().parents[1] / "profiling" / "gpu_check.sh")
     env = {**os.environ, "OUT": str(tmp_path / "out")}
-    bad = subprocess.run(["bash", script, "memory", "bench-everything"], env=env,
+    bad = subprocess.run(["bash", script, "--steps", "tests", "bench-everything"], env=env,
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown step 'bench-everything'" in bad.stdout
-    assert not (tmp_path / "out").exists()  # nothing ran
-    subprocess.run(["bash", script, "memory"], env=env, check=True, capture_output=True)
-    rows = json.loads((tmp_path / "out" / "memory.json").read_text())["rows"]
-    assert len(rows) == 6
-    assert (tmp_path / "out" / "versions.txt").read_text().startswith("torch ")
+    assert bad.returncode == 2 and "unknown step 'bench-everything'" in bad.stderr
+    assert not (tmp_path / "out").exists()
+    dry = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert [line.split(":")[0] for line in dry] == ["sanitizer", "sanitizer", "tests", "large",
+                                                    "bench"]
+    assert "--tool memcheck" in dry[0] and "--tool initcheck" in dry[1]
+    assert all("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and "--part calls" in line
+               for line in dry[:2])
+    tests = dry[2].split()
+    assert tests.index("tests/test_cuda.py") < tests.index("tests/test_kernel_aggregate.py")
+    assert dry[4].endswith(f"--part headline --out {tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_output_layout(tmp_path):
+    """Steps run in order under their limits and the budget; summary.md has one row per
+    step, rewritten after each; a step that fails, runs past its limit or cannot start in
+    the budget left is reported so, and the run exits 1. Fake steps stand in for the real
+    ones (which need a GPU)."""
+    gpu_check = _gpu_check_script()
+
+    @dataclasses.dataclass(frozen=True)
+    class Fake(gpu_check.Step):
+        code: str = ""
+
+        def commands(self, out):
+            return [([sys.executable, "-c", self.code], {"FAKE": "1"})]
+
+    summary = tmp_path / "summary.md"
+    steps = [Fake("first", 20, 1, "first.log", "import os; print('fine', os.environ['FAKE'])"),
+             Fake("second", 20, 1, "second.log",
+                  f"print(open({str(summary)!r}).read()); raise SystemExit(3)"),
+             Fake("third", 2, 1, "third.log", "import time; time.sleep(30)"),
+             Fake("fourth", 20, 15, "fourth.log", "print('never')")]
+    assert gpu_check.run(steps, tmp_path, budget=12) == 1
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in summary.read_text().splitlines()[-4:]]
+    assert [r[0] for r in rows] == ["first", "second", "third", "fourth"]
+    assert [r[1] for r in rows[:3]] == ["ok", "FAILED (exit 3)", "timeout (2 s)"]
+    assert rows[3][1].startswith("skipped:") and rows[3][3] == ""
+    assert rows[0][3:] == ["first.log", "fine 1"]  # the last line of the step's output
+    # the second step saw the summary as it stood: the first done, itself running
+    seen = (tmp_path / "second.log").read_text()
+    assert "| first | ok |" in seen and "| second | running |" in seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.log", "second.log",
+                                                          "summary.md", "third.log"]
+
+
+def test_gpu_check_large_part_checks_itself(capsys):
+    """The `large` part's corner checks (crop alignment, margins, index mapping) at small
+    sizes on the CPU (the torch path): they must pass where the ops are right."""
+    gpu_check = _gpu_check_script()
+    assert gpu_check.large_calls("cpu", channels=8, agg_lr=96, knn_lr=160) == 0
+    out = capsys.readouterr().out
+    assert out.count("-> ok") == 4 and "1.0000 of the queries pick" in out
+    assert out.endswith("large: ok\n")
 
 
 def test_nvtx_ranges_with_ga_checkpointing(ranges_on, monkeypatch):
