@@ -210,3 +210,16 @@ def test_train_help_shows_each_real_default_once():
                     "(default: 16)", "(default: off)", "(default: 2", "(default: 4)"):
         assert flat.count(default) >= 1, default
     assert flat.count("800000") == 1
+
+
+def test_the_readmes_python_blocks_run_as_written(tmp_path):
+    """Every ```python block of the README, run in a fresh process in an empty folder."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks
+    for i, code in enumerate(blocks):
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                                text=True)
+        assert result.returncode == 0, f"README python block {i}:\n{code}\n{result.stderr}"

@@ -48,3 +48,13 @@ def test_runs_on_cpu_without_triton(tmp_path):
             "m = ignn_triton.IGNN(scale=2, n_feats=4, n_resblocks=2, window=4).eval()\n"
             "print(tuple(m(torch.rand(1, 3, 9, 7)).shape))")
     assert _run(code, tmp_path) == ["(1,", "3,", "18,", "14)"]
+
+
+def test_triton_is_an_extra_not_a_dependency():
+    """A CPU install stays lean (no 1 GB triton the CPU path never uses); [gpu] and [test]
+    bring it (CUDA builds of torch on Linux bring their own)."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.split(";")[0].strip().startswith("triton")]
+    for extra in ("gpu", "test"):
+        assert any(d.startswith("triton") for d in project["optional-dependencies"][extra])
