@@ -100,13 +100,17 @@ def _collect_inputs(inputs: list[Path], recursive: bool = False,
                 files.append((p, p.parent.relative_to(path)))
         if notes is not None and others:
             notes.append(f"{path}: skipped {len(others)} file(s) that are not images "
-                         f"({', '.join(q.name for q in others[:3])}{', ...' if len(others) > 3 else ''})")
+                         f"({_names(others)})")
         if notes is not None and ours:
             notes.append(f"{path}: skipped {len(ours)} earlier output(s) of upscale "
-                         f"({', '.join(q.name for q in ours[:3])}{', ...' if len(ours) > 3 else ''})")
+                         f"({_names(ours)})")
         if not found:
             raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    return ", ".join(p.name for p in paths[:most]) + (", ..." if len(paths) > most else "")
 
 
 def _targets(files: list[tuple[Path, Path]], out: Path, scale: int, ext: str | None,
@@ -242,7 +246,8 @@ def parse_memory(text: str) -> int:
     try:
         value = float(number) * _UNITS[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 6G or 512M; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 6G or 512M; got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive size; got {text!r}")
     return int(value)
@@ -392,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of paired LR images, same stems (default: MATLAB bicubic of "
                    "the HR images, rounded to 8 bits)")
     p.add_argument("--scale", required=True, type=int, choices=(2, 3, 4),
-                   help="the scale to evaluate (picks the built-in model; checked against --weights)")
+                   help="the scale to evaluate (picks the built-in model; checked against "
+                   "--weights)")
     p.add_argument("--out", type=Path, default=Path("results.csv"),
                    help="CSV file (a .json beside it); default results.csv")
     _add_run_options(p)

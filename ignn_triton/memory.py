@@ -156,7 +156,8 @@ def edge_workspace(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale:
     P = patch * patch
     step = max(1, ops._CHUNK_ELEMENTS // max(1, B * E * P * k))
     chunk = B * E * P * min(step, geo.num_queries) * k
-    elements = B * E * P * (geo.num_queries + geo.num_keys) + 3 * chunk + B * geo.num_queries * k * E
+    elements = (B * E * P * (geo.num_queries + geo.num_keys)  # patch vectors
+                + 3 * chunk + B * geo.num_queries * k * E)  # chunk temporaries, results
     return elements * (8 if ye.dtype == torch.float64 else 4)
 
 

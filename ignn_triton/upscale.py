@@ -32,8 +32,6 @@ TILE_SIZES = (1024, 896, 768, 640, 512, 448, 384, 320, 256, 192, 128, 96, 64)
 # Default memory budget: this fraction of the memory available when the run starts
 # (MemAvailable of /proc/meminfo on the CPU, free memory of the device on CUDA).
 MEMORY_FRACTION = {"cpu": 0.7, "cuda": 0.85}
-
-
 ESTIMATED = (IGNN, EDSR)  # the models whose memory `estimate_memory` predicts
 
 
@@ -182,21 +180,24 @@ class Upscaler:
 
     def memory_needed(self, height: int, width: int, tile: int | None = None,
                       self_ensemble: bool = False) -> int:
-        """Predicted peak bytes of upscaling an LR image of that size: the model's forward on
-        the whole image or on one tile (`estimate_memory`), plus the images outside the
-        model: the float32 output and its copies on the way to 8/16 bits (3x), and with
-        tiles the blending weights, or with self-ensembling its running sum."""
+        """Predicted peak bytes, on the model's device, of upscaling an LR image of that
+        size: the model's forward on the whole image or on one tile (`estimate_memory`);
+        on the CPU also the images outside the model (on CUDA they are in host memory): the
+        float32 output and its copies on the way to 8/16 bits (3x), and with tiles the
+        blending weights; with self-ensembling, the running sum of a tile's outputs."""
         S = self.scale
-        out = 3 * S * S * height * width * 4
         th, tw = (height, width) if tile is None else (min(tile, height), min(tile, width))
-        key = (th, tw)
-        if key not in self._estimates:
-            self._estimates[key] = estimate_memory(self._module, th, tw, self.dtype, self.device)
-        need = self._estimates[key] + 3 * out + 3 * height * width * 4
-        if tile is not None and (th, tw) != (height, width):
-            need += out // 3
+        if (th, tw) not in self._estimates:
+            self._estimates[th, tw] = estimate_memory(self._module, th, tw, self.dtype,
+                                                      self.device)
+        need = self._estimates[th, tw]
         if self_ensemble:
             need += 2 * 3 * S * S * th * tw * 4
+        if self.device.type == "cpu":
+            out = 3 * S * S * height * width * 4
+            need += 3 * out + 3 * height * width * 4
+            if (th, tw) != (height, width):
+                need += out // 3
         return need
 
     def plan(self, height: int, width: int, tile="auto", tile_overlap: int = 32,
@@ -230,9 +231,8 @@ class Upscaler:
             need = self.memory_needed(height, width, smallest, self_ensemble)
             raise MemoryBudgetError(
                 f"a {width}x{height} image needs about {_gib(need)} even in "
-                f"{smallest or 'whole'}-pixel tiles ({_gib(3 * 3 * self.scale ** 2 * height * width * 4)} "
-                f"of it for the x{self.scale} output image alone), more than the "
-                f"{_gib(budget)} budget; raise --max-memory, free memory, or use a smaller image")
+                f"{smallest or 'whole'}-pixel tiles, more than the {_gib(budget)} budget; "
+                f"raise --max-memory, free memory, or use a smaller image")
         return best
 
     @contextlib.contextmanager
@@ -247,6 +247,7 @@ class Upscaler:
 
         counts = steps(*x.shape[-2:], self.dtype.itemsize)
         bar = tqdm(total=sum(counts.values()), desc="stages", unit="stage", leave=False)
+
         def advance(*args) -> None:  # a forward hook's non-None result replaces the output
             bar.update()
 
