@@ -32,7 +32,7 @@ def demo(args: argparse.Namespace) -> int:
     """Downscale the bundled photograph by the model's scale, super-resolve it, write the
     result beside a bicubic upscale and report PSNR (Y) of both against the original."""
     builtin = args.weights == "builtin"
-    model = load_model(args.weights, **({"scale": args.scale} if builtin else {}))
+    model = load_model(args.weights, **({"scale": args.scale} if builtin and args.scale else {}))
     scale = model.scale
     if args.scale is not None and args.scale != scale:
         raise ValueError(f"--scale {args.scale}: {args.weights} is a x{scale} model")
