@@ -70,8 +70,8 @@ def _collect_inputs(inputs: list[Path], recursive: bool = False,
     """(image file, its folder relative to the named folder) for every file named and every
     image found in the named folders (their sub-folders too with recursive). Skipped, and
     said in `notes`: hidden files (a killed run's temporaries), files of other types, and
-    our own outputs (`<stem>_x<S>.<ext>` beside a `<stem>.*` input). ValueError for a
-    missing path, an unsupported file or a folder with no images."""
+    our own outputs (`_is_our_output`). ValueError for a missing path, an unsupported file
+    or a folder with no images."""
     files = []
     for path in inputs:
         if path.is_file():
@@ -91,10 +91,9 @@ def _collect_inputs(inputs: list[Path], recursive: bool = False,
                 others.append(p)
             else:
                 found.append(p)
-        stems = {(p.parent, p.stem) for p in found}
+        stems = {(p.parent, p.stem): p for p in found}
         for p in found:
-            match = _OUTPUT_NAME.fullmatch(p.stem)
-            if match and (p.parent, match.group(1)) in stems:
+            if _is_our_output(p, stems):
                 ours.append(p)
             else:
                 files.append((p, p.parent.relative_to(path)))
@@ -107,6 +106,21 @@ def _collect_inputs(inputs: list[Path], recursive: bool = False,
         if not found:
             raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def _is_our_output(path: Path, stems: dict) -> bool:
+    """Whether path is `<stem>_x<S>.*` beside a `<stem>.*` that it is S times larger than:
+    what an earlier run of upscale into this folder wrote."""
+    match = _OUTPUT_NAME.fullmatch(path.stem)
+    source = stems.get((path.parent, match.group(1))) if match else None
+    if source is None:
+        return False
+    S = int(path.stem[-1])
+    try:
+        (h, w), (sh, sw) = image_size(source), image_size(path)
+    except ValueError:
+        return False
+    return (sh, sw) == (S * h, S * w)
 
 
 def _names(paths: list[Path], most: int = 3) -> str:

@@ -291,7 +291,8 @@ def test_cli_upscale_bad_inputs(weights, tmp_path, capsys):
     # scale the checkpoint does not support
     assert main(["upscale", good, "-o", str(tmp_path / "o"), "--weights", str(weights),
                  "--scale", "4"]) == 2
-    assert "--scale 4 is not supported" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "scale x4 requested but the model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     # another architecture
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     assert main(["upscale", good, "-o", str(tmp_path / "o"), "--weights",
@@ -357,14 +358,14 @@ def test_cli_eval_matches_direct_metrics(weights, tmp_path, capsys):
     assert f"{expected[1][0]:12.4f}" in table and f"{mean[2]:10.4f}" in table
     assert 20 < expected[0][0] < 60 and 0 < expected[0][1] <= 1
     # paired LR files: the computed LR is 8-bit too, so the files give the same numbers
-    assert main(["eval", "--hr", str(hr_dir), "--lr", str(lr_dir), "--scale", "2",
+    assert main(["eval", "--hr", str(hr_dir), "--lr-data", str(lr_dir), "--scale", "2",
                  "--weights", str(weights), "--out", str(tmp_path / "paired.csv")]) == 0
     capsys.readouterr()
     paired = list(csv.DictReader((tmp_path / "paired.csv").open()))
     assert [[float(r[k]) for k in keys] for r in paired[:2]] == expected
     assert main(["eval", "--hr", str(hr_dir), "--scale", "3", "--weights", str(weights),
                  "--out", str(tmp_path / "x.csv")]) == 2
-    assert "--scale 3 is not supported" in capsys.readouterr().err
+    assert "scale x3 requested but the model" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
 
 
