@@ -298,10 +298,11 @@ def eval_cmd(args: argparse.Namespace) -> int:
         if h % S or w % S:
             print(f"ignn-triton: {f}: {w}x{h} is cropped to {w // S * S}x{h // S * S} (a "
                   f"multiple of the scale {S})", file=sys.stderr)
-        if args.lr_data is not None and image_size(lr_files[f.stem]) != (h // S, w // S):
+        if args.lr_data is not None:
             lh, lw = image_size(lr_files[f.stem])
-            raise ValueError(f"{lr_files[f.stem]}: LR is {lw}x{lh}, expected "
-                             f"{w // S}x{h // S}")
+            if (lh, lw) != (h // S, w // S):
+                raise ValueError(f"{lr_files[f.stem]}: LR is {lw}x{lh}, expected "
+                                 f"{w // S}x{h // S}")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for f in hr_files:

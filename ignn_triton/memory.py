@@ -91,32 +91,29 @@ def _one_band(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _gpu_paths():
-    """The ECN on whole maps, as it runs on the GPU (modules._banded bands only CPU maps)."""
-    banded = modules._banded
+def _swapped(*changes):
+    """Set each (object, attribute, value) for the duration, then restore the originals."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
     try:
-        modules._banded = _whole
+        for obj, name, value in changes:
+            setattr(obj, name, value)
         yield
     finally:
-        modules._banded = banded
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
-@contextlib.contextmanager
+def _gpu_paths():
+    """The ECN on whole maps, as it runs on the GPU (modules._banded bands only CPU maps)."""
+    return _swapped((modules, "_banded", _whole))
+
+
 def _cpu_paths_visible():
     """Route these custom ops to their Python bodies (the CPU torch backend on CPU tensors)
     instead of their fake implementations, so that a fake run sees their temporaries, and
     run the ECN's bands once (`_one_band`)."""
-    saved = {name: getattr(ops, name) for name in _OPENED_OPS}
-    banded = modules._banded
-    try:
-        for name, op in saved.items():
-            setattr(ops, name, op._init_fn)
-        modules._banded = _one_band
-        yield
-    finally:
-        for name, op in saved.items():
-            setattr(ops, name, op)
-        modules._banded = banded
+    return _swapped(*[(ops, name, getattr(ops, name)._init_fn) for name in _OPENED_OPS],
+                    (modules, "_banded", _one_band))
 
 
 def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: int, patch: int,

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import (CheckpointError, is_safetensors, is_training_checkpoint, load_into,
                          load_torch_file, read_checkpoint, save_model, state_problems)
-from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, quantise, read_array,
-                     read_image)
+from .images import (IMAGE_EXTENSIONS, array_to_tensor, atomic_write, image_size, quantise,
+                     read_array, read_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 from .model import IGNN, config_problems
@@ -55,16 +54,6 @@ def image_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header; ValueError naming the file if it is not an image."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from e
-    return height, width
 
 
 def _rgb(array: np.ndarray) -> torch.Tensor:
