@@ -1,11 +1,19 @@
-"""Patch grids, paddings and search windows of the graph aggregation (spec sections 2-3).
+"""Patch grids, paddings, HR offsets and search windows of the graph aggregation (spec
+sections 2-3 and 6), and the AdaPN epsilon.
 
-The one place these numbers are computed for the fast paths: the Triton launchers and the
-memory-efficient torch ops both read a `GraphGeometry`. `reference/` computes its own.
+The one place these numbers are computed for the fast paths: the Triton launchers, their AOT
+specs and the memory-efficient torch ops all read a `GraphGeometry` (Triton keeps its own
+in-kernel window start). `reference/` computes its own.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+EPS = 1e-5  # AdaPN: added to the unbiased variance of a patch (spec section 6)
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,24 @@ class Grid1d:
     def padded(self) -> int:
         """Length of the zero-padded map."""
         return self.pad_before + self.size + self.pad_after
+
+
+class PatchGrid(NamedTuple):
+    """A 2-D grid of patches, in the order the patch-statistics launchers and the torch path
+    take it: patch g = (i, j) covers rows [stride*i - pad_top, stride*i - pad_top + patch)
+    of the map (zeros outside it), columns likewise."""
+
+    patch: int
+    stride: int
+    pad_top: int
+    pad_left: int
+    grid_h: int
+    grid_w: int
+
+    @property
+    def slots(self) -> int:
+        """The most patches that cover one pixel along an axis: ceil(patch / stride)."""
+        return -(-self.patch // self.stride)
 
 
 def grid_1d(size: int, patch: int = 3, stride: int = 2) -> Grid1d:
@@ -85,10 +111,70 @@ class GraphGeometry:
     def hr_stride(self) -> int:
         return self.stride * self.scale
 
+    @property
+    def query_grid(self) -> PatchGrid:
+        """The p x p query patches (stride t) of the LR map."""
+        return PatchGrid(self.patch, self.stride, self.query_h.pad_before,
+                         self.query_w.pad_before, self.m1, self.m2)
+
+    @property
+    def son_grid(self) -> PatchGrid:
+        """The p x p son patches (stride t) of the son map."""
+        return PatchGrid(self.patch, self.stride, self.son_h.pad_before, self.son_w.pad_before,
+                         self.n1, self.n2)
+
+    @property
+    def key_grid(self) -> PatchGrid:
+        """The key blocks of F, one per son patch: (p*s)^2 blocks at stride t*s over F padded
+        by s x the son grid's padding (spec section 6)."""
+        s = self.scale
+        return PatchGrid(self.hr_patch, self.hr_stride, s * self.son_h.pad_before,
+                         s * self.son_w.pad_before, self.n1, self.n2)
+
+    @property
+    def slots(self) -> int:
+        """The most query patches covering an LR pixel along an axis, and HR patches an HR
+        pixel: ceil(p / t) = ceil(ps / ts)."""
+        return self.query_grid.slots
+
+    @property
+    def hr_height(self) -> int:  # sH
+        return self.scale * self.query_h.size
+
+    @property
+    def hr_width(self) -> int:  # sW
+        return self.scale * self.query_w.size
+
+    @property
+    def hr_top(self) -> int:
+        """Rows of padding above the HR map in the padded HR grid of the query patches."""
+        return self.scale * self.query_h.pad_before
+
+    @property
+    def hr_left(self) -> int:
+        return self.scale * self.query_w.pad_before
+
+    def window_start(self, axis: int, query: int) -> int:
+        """First son row (axis 0) or column (axis 1) of the window of query row / column
+        `query`."""
+        if axis == 0:
+            return window_start(query, self.scale, self.window_h, self.n1)
+        return window_start(query, self.scale, self.window_w, self.n2)
+
 
 def graph_geometry(height: int, width: int, scale: int, patch: int = 3, stride: int = 2,
                    window: int = 30) -> GraphGeometry:
-    """Geometry for an LR map of (height, width) whose son map is (height / s, width / s)."""
+    """Geometry for an LR map of (height, width) whose son map is (height / s, width / s).
+    Cached: asking again for the same numbers is free (and gives the same object). Traced by
+    torch.compile, or given symbolic sizes, it is built each time."""
+    args = (height, width, scale, patch, stride, window)
+    if torch.compiler.is_compiling() or not all(isinstance(a, int) for a in args):
+        return _graph_geometry(*args)
+    return _cached_geometry(*args)
+
+
+def _graph_geometry(height: int, width: int, scale: int, patch: int, stride: int,
+                    window: int) -> GraphGeometry:
     if scale < 1:
         raise ValueError(f"scale must be a positive integer; got {scale}")
     if height % scale or width % scale:
@@ -100,6 +186,9 @@ def graph_geometry(height: int, width: int, scale: int, patch: int = 3, stride: 
     return GraphGeometry(scale, patch, stride, grid_1d(height, patch, stride),
                          grid_1d(width, patch, stride), son_h, son_w,
                          min(window, son_h.count), min(window, son_w.count))
+
+
+_cached_geometry = functools.lru_cache(maxsize=1024)(_graph_geometry)
 
 
 def window_start(query: int, scale: int, window: int, son_count: int) -> int:

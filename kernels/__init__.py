@@ -6,7 +6,8 @@ tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is im
 every launcher runs under its tensors' device and checks its grids and sizes (utils.py).
 """
 # Modules with Triton kernels; each exports aot_specs() (name, jit function, signature,
-# constexprs, launch options) for its default configs: see kernels/aot.py, tests/test_aot.py.
+# constexprs, launch options) for its default configs, recorded from its own launchers: see
+# kernels/aot.py, tests/test_aot.py.
 KERNEL_MODULES = ("ignn_triton.kernels.patch_knn", "ignn_triton.kernels.patch_stats",
                   "ignn_triton.kernels.patch_aggregate")
 

@@ -6,7 +6,11 @@ resource report (registers, stack, spills, shared memory, tensor-core instructio
 
 A kernel module lists what it launches in `aot_specs()`: tuples (name, jit function,
 signature {arg: "*fp16" | "i32" | "constexpr" ...}, constexprs {arg: value},
-options {"num_warps": .., "num_stages": .., "jit_ints": {int arg: value}}). Pointer
+options {"num_warps": .., "num_stages": .., "jit_ints": {int arg: value}}). The kernel
+modules make them with launch_spec from the launches their own launchers record
+(utils.record_launches) on meta tensors at representative shapes: the signature is the
+kernel's parameter list typed by the arguments the launcher passed, the constexprs and
+options are the launcher's, so the specs cannot drift from the launches. Pointer
 arguments are compiled as 16-byte aligned, as a JIT launch specialises them for torch
 allocations. With "jit_ints" (the integer arguments at a representative shape) the spec is
 compiled twice: for any shape, and as "<name>@jit", the way the JIT specialises it at that
@@ -20,6 +24,7 @@ attrs)); older releases' ASTSource(fn, signature, constants=...) form is tried a
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -28,7 +33,14 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-__all__ = ["AotReport", "compile_kernel", "compile_specs", "tool", "format_table"]
+import torch
+
+from .utils import TL_TYPES
+
+__all__ = ["AotReport", "launch_spec", "compile_kernel", "compile_specs", "tool",
+           "format_table"]
+
+_POINTEE = {**TL_TYPES, torch.int64: "i64", torch.int32: "i32"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,37 @@ class AotReport:
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
+
+
+def launch_spec(name: str, launches, kernel, *, jit: bool = True) -> tuple:
+    """The spec (name, kernel, signature, constexprs, options) of the first launch of `kernel`
+    among `launches` (recorded by utils.record_launches): the kernel's parameters in their
+    order, each runtime one typed by the argument the launcher gave it (a tensor: a pointer to
+    its dtype; an int: i32, or i64 past int32, as the JIT types it), each constexpr with its
+    value, the launch options (num_warps, num_stages) as given; with `jit`, the int
+    arguments' values as "jit_ints" (also compiled as the JIT specialises them: variants)."""
+    launch = next(x for x in launches if x.kernel is kernel)
+    names = list(kernel.arg_names)
+    bound = {**dict(zip(names, launch.args)),
+             **{n: v for n, v in launch.kwargs.items() if n in names}}
+    assert len(bound) == len(names), f"{name}: no argument for {set(names) - set(bound)}"
+    constexpr = {n for n, p in inspect.signature(kernel.fn).parameters.items()
+                 if "constexpr" in str(p.annotation)}
+    signature = {n: "constexpr" if n in constexpr else _arg_type(bound[n]) for n in names}
+    options = {k: v for k, v in launch.kwargs.items() if k not in names}
+    if jit:
+        options["jit_ints"] = {n: bound[n] for n in names if signature[n] in ("i32", "i64")}
+    return name, kernel, signature, {n: bound[n] for n in names if n in constexpr}, options
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTEE[value.dtype]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "i32" if -(1 << 31) <= value < 1 << 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no AOT type for a runtime argument {value!r}: make it a constexpr")
 
 
 def tool(name: str) -> str:

@@ -34,8 +34,8 @@ Design
   logits (max, then sum of exp: weight = exp(logit - max - log(sum * count))), and
   accumulates all ranks in registers: knn_hr is never materialised.
 * Backward, two kernels.
-  1. x1_hr mode only, pixel-centric like the previous forward (per pixel, its NSLOT^2
-     covering-query slots with five gathers each): recomputes knn_r per pixel, reduces
+  1. x1_hr mode only, pixel-centric (per pixel, its NSLOT^2 covering-query slots with five
+     gathers each): recomputes knn_r per pixel, reduces
      g_r = sum_c dx1[c] * knn_r[c] over all channels inside the program (deterministic),
      writes grad_logits = w_r (g_r - sum_r' w_r' g_r') and the softmax weights w (fp32) that
      kernel 2 needs.
@@ -59,19 +59,12 @@ Design
   so there the launcher checks the range on the host instead.
 * Loops that carry gathers are runtime loops (the forward's covering query rows and ranks,
   the backward's NSLOT^2 covering-query slots and flattened (p s)^2 patch pixels): unrolled
-  or nested, LLVM hoists every iteration's gathers together and the kernels need 170-255
-  registers and spill. The forward unrolls only its NSLOT = 2 column slots (for the
-  compile-time phase masks): 64-159 registers (see default_aggregate_config).
-* Measured on an H100 (triton 3.6, torch 2.11), B=1, C=256, 128 x 128, s=2, k=5, default
-  configs: backward knn 0.66 ms fp32 / 0.74 ms fp16, x1 1.74 / 1.81 ms; query / key
-  statistics 15 / 30 us. The previous, pixel-centric forward (per pixel and covering query,
-  five gathers: F, mu_q, sigma_q, mu_k, sigma_k, plus idx): knn_hr 0.67 ms fp32 and fp16
-  (~530 GB/s; instruction issue, not DRAM, was the limit), x1_hr 0.67 ms. The forward above
-  is not measured yet: its static counts and the prediction are in profiling/NOTES.md.
+  or nested, LLVM hoists every iteration's gathers together and the kernels spill. The
+  forward unrolls only its NSLOT = 2 column slots (for the compile-time phase masks).
+  Register counts, timings and the kernels' history: profiling/NOTES.md.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +72,9 @@ import triton
 import triton.language as tl
 
 from ..geometry import GraphGeometry, graph_geometry
-from .utils import SUPPORTED, TL_TYPES, check_int32, grid, on_tensor_device
+from .aot import launch_spec
+from .utils import (SUPPORTED, TL_TYPES, check_int32, check_tensor, debug, grid, launch,
+                    launch_options, on_tensor_device, record_launches)
 
 __all__ = ["AggregateConfig", "patch_aggregate", "patch_aggregate_backward",
            "default_aggregate_config", "DEFAULT_CONFIGS", "aot_specs"]
@@ -94,21 +89,23 @@ class AggregateConfig:
     block_c channels per program, num_warps; block_y = 1 gets compile-time phase masks.
     Backward to the logits: block_ly x block_lx HR pixels per program, looping over the
     channels in steps of block_lc, l_num_warps. Main backward (query-centric): block_qi x
-    block_qj queries x block_qc channels per program, q_num_warps."""
+    block_qj queries x block_qc channels per program, q_num_warps. No field defaults: the
+    defaults depend on C, the dtype and the HR stride and are default_aggregate_config's
+    (change one field with dataclasses.replace)."""
 
-    block_y: int = 1
-    block_j: int = 64
-    block_c: int = 16
-    num_warps: int = 8
-    block_qi: int = 1
-    block_qj: int = 32
-    block_qc: int = 16
-    q_num_warps: int = 8
-    block_ly: int = 1  # backward-to-logits kernel: block_ly x block_lx pixels, block_lc
-    block_lx: int = 32  # channels per step
-    block_lc: int = 8
-    l_num_warps: int = 4
-    num_stages: int = 1
+    block_y: int
+    block_j: int
+    block_c: int
+    num_warps: int
+    block_qi: int
+    block_qj: int
+    block_qc: int
+    q_num_warps: int
+    block_ly: int  # backward-to-logits kernel: block_ly x block_lx pixels, block_lc
+    block_lx: int  # channels per step
+    block_lc: int
+    l_num_warps: int
+    num_stages: int
 
 
 def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
@@ -118,18 +115,11 @@ def default_aggregate_config(C: int, dtype: torch.dtype, scale: int = 2,
     fp32 accumulators: 4 x 4 at s = 2, 8 x 2 at s = 3), so threads = block_c / VEC x
     block_j: on 8 warps, block_j = 64 (256 HR columns) at s = 2, 32 (192) at s = 3; on 4
     warps (fp32 at s = 2, fp16 / bf16 at s = 3) half that. Narrow images leave lanes idle
-    (LR 40 at s = 2: 20 column blocks of 64). Chosen among 8 / 4 warps so that no AOT
-    compilation spills, as compiled for any shape and as the JIT specialises it (triton 3.9,
-    sm_80 / sm_90): on 8 warps fp32 at s = 2 spilled 8 bytes on sm_80 (JIT) and fp16 / bf16
-    at s = 3 8-24 (sm_80); fp16 at s = 2 on 4 warps 32 (x1, sm_80).
-    Not timed on a GPU yet (profiling/NOTES.md).
+    (LR 40 at s = 2: 20 column blocks of 64). 8 or 4 warps: whichever no AOT compilation
+    spills on (tests/test_aot.py), as compiled for any shape and as the JIT specialises it.
     Main backward: 1 x 32 queries x 16 channels on 8 warps (2 per thread). Backward to the
-    logits: 1 x 32 pixels x 8-channel steps on 4 warps (a pixel-centric kernel like the old
-    forward). From register sweeps and H100 timings: ptxas settles these kernels near 64-80
-    registers and spills a few bytes above that, so larger tiles (faster by 5-20% on the H100)
-    spill. Triton 3.6 on the H100 box: no spill on sm_90; sm_80 spills 8-16 bytes in the
-    logits kernel only (block_lx=32, l_num_warps=8 avoids it at ~0.6 ms more per
-    128x128x256 x1 backward)."""
+    logits: 1 x 32 pixels x 8-channel steps on 4 warps. Larger tiles are faster but spill.
+    The spills, register sweeps and timings behind these: profiling/NOTES.md."""
     bc = min(16, triton.next_power_of_2(max(1, C)))
     _, vec = _phase_tile(stride * scale, bc)
     spills_on_8_warps = ((dtype == torch.float32 and stride * scale == 4)
@@ -147,10 +137,6 @@ def _phase_tile(hr_stride: int, block_c: int) -> tuple[int, int]:
     the channel stride is a multiple of 4; VEC <= block_c)."""
     ph = triton.next_power_of_2(hr_stride)
     return ph, max(1, min(4, 16 // ph, block_c))
-
-
-def _debug() -> bool:
-    return os.environ.get("IGNN_TRITON_DEBUG", "") == "1"
 
 
 # --------------------------------------------------------------------------- kernels
@@ -222,7 +208,7 @@ def _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
     ib = Yp // HSTRIDE
     jb = Xp // HSTRIDE
     # a runtime loop over the NSLOT^2 covering-query slots: unrolled, the compiler keeps every
-    # slot's gathers in flight at once (230-255 registers and spills at 1 x 32 x 32)
+    # slot's gathers in flight at once and spills (profiling/NOTES.md)
     for sl in range(0, NSLOT * NSLOT):
         di = sl // NSLOT
         dj = sl - di * NSLOT
@@ -366,18 +352,21 @@ def _aggregate_fwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, kr_ptr, logit_
         shift = mx + tl.log(den / inv)  # softmax weight / count = exp(logit - shift)
         for r in range(0, k):
             lr = tl.load(lg_b + r * HW64 + pix, mask=x_ok, other=0.0).to(tl.float32)
-            acc = _block_aggregate(acc, tl.exp(lr - shift), f_b, idx_b, qm_b, qs_b,
-                                   km_b, kr_b, r, Yp0, Y + q_top, ph, jb, c, cs_ok, H, W, CS,
-                                   m1, m2, n2, N, k, k_top, k_left, HSTRIDE, HPATCH, NSLOT,
-                                   BLOCK_Y, VEC, DEBUG)
+            acc = _block_aggregate(
+                acc, wgt=tl.exp(lr - shift), f_b=f_b, idx_b=idx_b, qm_b=qm_b, qs_b=qs_b,
+                km_b=km_b, kr_b=kr_b, r=r, Yp0=Yp0, Yp=Y + q_top, ph=ph, jb=jb, c=c, c_ok=cs_ok,
+                H=H, W=W, CS=CS, m1=m1, m2=m2, n2=n2, N=N, k=k, k_top=k_top, k_left=k_left,
+                HSTRIDE=HSTRIDE, HPATCH=HPATCH, NSLOT=NSLOT, BLOCK_Y=BLOCK_Y, VEC=VEC,
+                DEBUG=DEBUG)
         out = out_ptr + (b64 * C + c)[None, None, :] * HW + pix[:, :, None]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         for r in range(0, k):
-            val = _block_aggregate(acc, inv, f_b, idx_b, qm_b, qs_b, km_b, kr_b, r, Yp0,
-                                   Y + q_top, ph, jb, c, cs_ok, H, W, CS, m1, m2, n2, N, k,
-                                   k_top, k_left, HSTRIDE, HPATCH, NSLOT, BLOCK_Y, VEC,
-                                   DEBUG)
+            val = _block_aggregate(
+                acc, wgt=inv, f_b=f_b, idx_b=idx_b, qm_b=qm_b, qs_b=qs_b, km_b=km_b, kr_b=kr_b,
+                r=r, Yp0=Yp0, Yp=Y + q_top, ph=ph, jb=jb, c=c, c_ok=cs_ok, H=H, W=W, CS=CS,
+                m1=m1, m2=m2, n2=n2, N=N, k=k, k_top=k_top, k_left=k_left, HSTRIDE=HSTRIDE,
+                HPATCH=HPATCH, NSLOT=NSLOT, BLOCK_Y=BLOCK_Y, VEC=VEC, DEBUG=DEBUG)
             out = out_ptr + ((b64 * k + r) * C + c)[None, None, :] * HW + pix[:, :, None]
             tl.store(out, val.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -420,9 +409,11 @@ def _aggregate_bwd_logits_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr,
         d = tl.load(gout_ptr + (b64 * C + c)[None, :] * HW + pix[:, None], mask=omask,
                     other=0.0).to(tl.float32)
         for r in range(0, k):
-            val = _neighbour_sum(f_b, idx_b, qm_b, qs_b, km_b, ks_b, r, Yp, Xp, x_ok, c, c_ok,
-                                 H, W, C, m1, m2, n2, N, k, k_top, k_left,
-                                 HSTRIDE, HPATCH, NSLOT, BLOCK_P, BLOCK_C, DEBUG)
+            val = _neighbour_sum(
+                f_b=f_b, idx_b=idx_b, qm_b=qm_b, qs_b=qs_b, km_b=km_b, ks_b=ks_b, r=r, Yp=Yp,
+                Xp=Xp, x_ok=x_ok, c=c, c_ok=c_ok, H=H, W=W, C=C, m1=m1, m2=m2, n2=n2, N=N, k=k,
+                k_top=k_top, k_left=k_left, HSTRIDE=HSTRIDE, HPATCH=HPATCH, NSLOT=NSLOT,
+                BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, DEBUG=DEBUG)
             g = tl.sum(tl.where(omask, val * d, 0.0), 1) * inv  # (BLOCK_P,)
             G += tl.where(rr[:, None] == r, g[None, :], 0.0)
     r_ok = rr < k
@@ -536,40 +527,30 @@ def _aggregate_bwd_kernel(f_ptr, idx_ptr, qm_ptr, qs_ptr, km_ptr, ks_ptr, gout_p
 
 # --------------------------------------------------------------------------- launchers
 
-def _on_device(t: torch.Tensor) -> bool:
-    return t.is_cuda or bool(os.environ.get("TRITON_INTERPRET"))
-
-
 def _prepare(kernel, feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits):
     """Checks; geometry; channels-last F and channel-contiguous fp32 statistics.
     The sizes the kernels support: any B; F past 2^31 elements (its offsets are int64); per
     item fewer than 2^31 HR pixels per plane (sH x sW), M * k son indices and M * C query
     statistics (a 33 MP LR map at C = 256), and (p s) * W * C < 2^31 (int32 offsets)."""
-    assert feat.dim() == 4 and feat.dtype in SUPPORTED, \
-        f"feat must be fp32/fp16/bf16 (B, C, H, W); got {feat.dtype} {tuple(feat.shape)}"
-    assert _on_device(feat), "feat must be a CUDA tensor (set TRITON_INTERPRET=1 for CPU)"
+    check_tensor("feat", feat, ("B", "C", "H", "W"), contiguous=False)
     B, C, H, W = feat.shape
     geo = graph_geometry(H, W, scale, patch, stride)
     M, N = geo.num_queries, geo.num_keys
-    assert idx.dtype == torch.int64 and idx.dim() == 3 and idx.shape[:2] == (B, M), \
-        f"idx must be int64 (B, M, k) = ({B}, {M}, k); got {idx.dtype} {tuple(idx.shape)}"
+    check_tensor("idx", idx, (B, M, "k"), (torch.int64,), contiguous=False)
     for name, t, L in (("q_mean", q_mean, M), ("q_std", q_std, M), ("k_mean", k_mean, N),
                        ("k_std", k_std, N)):
-        assert tuple(t.shape) == (B, C, L), f"{name} must be ({B}, {C}, {L}); got {tuple(t.shape)}"
+        check_tensor(name, t, (B, C, L), None, contiguous=False)
     k = idx.shape[2]
     cs = triton.cdiv(C, 4) * 4  # the forward's channel stride
-    for what, count in (("HR pixels per plane sH * sW", scale * H * scale * W),
+    for what, count in (("HR pixels per plane sH * sW", geo.hr_height * geo.hr_width),
                         ("son indices per item M * k", M * k),
                         ("query statistics per item M * C", M * cs),
                         ("(p s) * W * C", geo.hr_patch * W * cs)):
         check_int32(kernel, what, count)
     if logits is not None:
-        want = (B, k, scale * H, scale * W)
-        assert tuple(logits.shape) == want, \
-            f"logits must be (B, k, sH, sW) = {want}; got {tuple(logits.shape)}"
-        assert logits.dtype in SUPPORTED, f"logits: fp32, fp16 or bf16 only; got {logits.dtype}"
+        check_tensor("logits", logits, (B, k, geo.hr_height, geo.hr_width), contiguous=False)
         logits = logits.contiguous()
-    if _debug() and not idx.is_cuda and idx.numel():
+    if debug() and not idx.is_cuda and idx.numel():
         # device asserts are no-ops under the interpreter: the same check, on the host
         assert int(idx.min()) >= 0 and int(idx.max()) < N, "ignn_triton: idx outside [0, N)"
     f_cl = feat.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
@@ -578,28 +559,18 @@ def _prepare(kernel, feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stri
     return geo, f_cl, idx.contiguous(), stats, logits
 
 
-def _geo_args(geo: GraphGeometry, C: int, k: int):
-    s = geo.scale
-    H, W = geo.query_h.size, geo.query_w.size
-    return (H, W, C, geo.m1, geo.m2, geo.n2, geo.num_keys, k, s * H, s * W,
-            s * geo.query_h.pad_before, s * geo.query_w.pad_before,
-            s * geo.son_h.pad_before, s * geo.son_w.pad_before)
+def _geo_args(geo: GraphGeometry, C: int, k: int) -> dict:
+    """The kernels' geometry arguments by name: F (H, W, C), the query grid, the son grid's
+    width and size, k, the HR map, the query grid's padding in HR, the key blocks' in F."""
+    key = geo.key_grid
+    return {"H": geo.query_h.size, "W": geo.query_w.size, "C": C, "m1": geo.m1, "m2": geo.m2,
+            "n2": geo.n2, "N": geo.num_keys, "k": k, "HO": geo.hr_height, "WO": geo.hr_width,
+            "q_top": geo.hr_top, "q_left": geo.hr_left, "k_top": key.pad_top,
+            "k_left": key.pad_left}
 
 
 def _geo_constexprs(geo: GraphGeometry) -> dict:
-    return {"HSTRIDE": geo.hr_stride, "HPATCH": geo.hr_patch,
-            "NSLOT": triton.cdiv(geo.hr_patch, geo.hr_stride)}
-
-
-def _pixel_tiles(HO: int, WO: int, block_y: int, block_x: int) -> int:
-    return triton.cdiv(HO, block_y) * triton.cdiv(WO, block_x)
-
-
-def _launch_options(num_warps: int, num_stages: int) -> dict:
-    opts = {"num_warps": num_warps, "num_stages": num_stages}
-    if _debug():
-        opts["debug"] = True  # compile tl.device_assert in (CUDA); ignored by the interpreter
-    return opts
+    return {"HSTRIDE": geo.hr_stride, "HPATCH": geo.hr_patch, "NSLOT": geo.slots}
 
 
 @on_tensor_device
@@ -620,7 +591,7 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
         "patch_aggregate", feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, logits)
     B, C, H, W = feat.shape
     k = idx.shape[2]
-    HO, WO = scale * H, scale * W
+    HO, WO = geo.hr_height, geo.hr_width
     weighted = logits is not None
     shape = (B, C, HO, WO) if weighted else (B, k, C, HO, WO)
     out = torch.empty(shape, device=feat.device, dtype=feat.dtype)
@@ -633,14 +604,15 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
     if C % 4:  # the kernel reads whole runs of 4 channels: zero-pad the channel-last copies
         f_cl, qm, qs, km, kr = [torch.nn.functional.pad(t, (0, -C % 4))
                                 for t in (f_cl, qm, qs, km, kr)]
-    col_blocks = triton.cdiv(scale * geo.query_w.pad_before + WO, geo.hr_stride)
+    col_blocks = triton.cdiv(geo.hr_left + WO, geo.hr_stride)
     tiles = triton.cdiv(HO, cfg.block_y) * triton.cdiv(col_blocks, cfg.block_j)
     ph, vec = _phase_tile(geo.hr_stride, cfg.block_c)
-    _aggregate_fwd_kernel[grid("patch_aggregate", tiles, triton.cdiv(C, cfg.block_c), B)](
-        f_cl, idx, qm, qs, km, kr, logits if weighted else out, out, *_geo_args(geo, C, k),
-        **_geo_constexprs(geo), PH=ph, VEC=vec, BLOCK_Y=cfg.block_y, BLOCK_J=cfg.block_j,
-        BLOCK_C=cfg.block_c, WEIGHTED=weighted, DEBUG=_debug(),
-        **_launch_options(cfg.num_warps, cfg.num_stages))
+    launch(_aggregate_fwd_kernel,
+           grid("patch_aggregate", tiles, triton.cdiv(C, cfg.block_c), B),
+           f_cl, idx, qm, qs, km, kr, logits if weighted else out, out, **_geo_args(geo, C, k),
+           **_geo_constexprs(geo), PH=ph, VEC=vec, BLOCK_Y=cfg.block_y, BLOCK_J=cfg.block_j,
+           BLOCK_C=cfg.block_c, WEIGHTED=weighted, DEBUG=debug(),
+           **launch_options(cfg.num_warps, cfg.num_stages))
     return out
 
 
@@ -666,10 +638,10 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
     B, C, H, W = feat.shape
     k = idx.shape[2]
     M, N = geo.num_queries, geo.num_keys
-    HO, WO = scale * H, scale * W
+    HO, WO = geo.hr_height, geo.hr_width
     weighted = logits is not None
     shape = (B, C, HO, WO) if weighted else (B, k, C, HO, WO)
-    assert tuple(grad_out.shape) == shape, f"grad_out must be {shape}; got {tuple(grad_out.shape)}"
+    check_tensor("grad_out", grad_out, shape, None, contiguous=False)
     grad_out = grad_out.contiguous()
     dev = feat.device
     gf = torch.zeros(B, H, W, C, device=dev, dtype=torch.float32)
@@ -687,74 +659,64 @@ def patch_aggregate_backward(feat: torch.Tensor, idx: torch.Tensor, q_mean: torc
     if weighted:
         w = torch.empty(B, k, HO, WO, device=dev, dtype=torch.float32)
         tiles = _pixel_tiles(HO, WO, cfg.block_ly, cfg.block_lx)
-        _aggregate_bwd_logits_kernel[grid("patch_aggregate_backward", tiles, B)](
-            f_cl, idx, qm, qs, km, ks, logits, grad_out, glogits, w, *args, **consts,
-            KPAD=triton.next_power_of_2(k), BLOCK_Y=cfg.block_ly, BLOCK_X=cfg.block_lx,
-            BLOCK_C=cfg.block_lc, DEBUG=_debug(),
-            **_launch_options(cfg.l_num_warps, cfg.num_stages))
+        launch(_aggregate_bwd_logits_kernel, grid("patch_aggregate_backward", tiles, B),
+               f_cl, idx, qm, qs, km, ks, logits, grad_out, glogits, w, **args, **consts,
+               KPAD=triton.next_power_of_2(k), BLOCK_Y=cfg.block_ly, BLOCK_X=cfg.block_lx,
+               BLOCK_C=cfg.block_lc, DEBUG=debug(),
+               **launch_options(cfg.l_num_warps, cfg.num_stages))
     else:
         w = qm  # unused
     tiles = triton.cdiv(geo.m1, cfg.block_qi) * triton.cdiv(geo.m2, cfg.block_qj)
-    launch = grid("patch_aggregate_backward", tiles, triton.cdiv(C, cfg.block_qc), B)
-    _aggregate_bwd_kernel[launch](
-        f_cl, idx, qm, qs, km, ks, grad_out, w, gf, gqm, gqs, gkm, gks, *args, **consts,
-        BLOCK_QI=cfg.block_qi, BLOCK_QJ=cfg.block_qj, BLOCK_C=cfg.block_qc, WEIGHTED=weighted,
-        DEBUG=_debug(), **_launch_options(cfg.q_num_warps, cfg.num_stages))
+    launch(_aggregate_bwd_kernel,
+           grid("patch_aggregate_backward", tiles, triton.cdiv(C, cfg.block_qc), B),
+           f_cl, idx, qm, qs, km, ks, grad_out, w, gf, gqm, gqs, gkm, gks, **args, **consts,
+           BLOCK_QI=cfg.block_qi, BLOCK_QJ=cfg.block_qj, BLOCK_C=cfg.block_qc, WEIGHTED=weighted,
+           DEBUG=debug(), **launch_options(cfg.q_num_warps, cfg.num_stages))
     return (gf.permute(0, 3, 1, 2).contiguous(), gqm, gqs, gkm.transpose(1, 2).contiguous(),
             gks.transpose(1, 2).contiguous(), glogits)
+
+
+def _pixel_tiles(HO: int, WO: int, block_y: int, block_x: int) -> int:
+    return triton.cdiv(HO, block_y) * triton.cdiv(WO, block_x)
 
 
 # --------------------------------------------------------------------------- AOT specs
 
 # Default configs for the model: C = 256 (paper; 64 for small models uses the same tiles),
-# k = 5, p = 3, t = 2, s = 2 (x2 and x4 models) and s = 3 (x3), every dtype.
+# k = 5, s = 2 (x2 and x4 models) and s = 3 (x3), every dtype (the launchers' p = 3, t = 2).
 DEFAULT_CONFIGS = [
     {"dtype": dt, "C": 256, "k": 5, "scale": s, "config": default_aggregate_config(256, dt, s)}
     for s in (2, 3) for dt in SUPPORTED
 ]
 
-_INT_ARGS = ("H", "W", "C", "m1", "m2", "n2", "N", "k", "HO", "WO", "q_top", "q_left",
-             "k_top", "k_left")
-
 
 def aot_specs(configs=None):
     """(name, kernel, signature, constexprs, options) of every kernel the launchers run with
-    the default configs (DEBUG off); consumed by kernels.aot and tests/test_aot.py."""
+    the default configs (DEBUG off), as they launch them forward and backward, knn_hr and
+    x1_hr, at a typical shape (LR 128 x 128, 192 x 192 for s = 3, B = 1; recorded on meta
+    tensors); consumed by kernels.aot and tests/test_aot.py."""
     specs = []
     for c in configs or DEFAULT_CONFIGS:
-        ty, s, cfg = TL_TYPES[c["dtype"]], c["scale"], c["config"]
-        geo = {"HSTRIDE": 2 * s, "HPATCH": 3 * s, "NSLOT": triton.cdiv(3 * s, 2 * s)}
-        # the JIT's view at a typical shape: LR 128 x 128 (192 x 192 for s = 3), B = 1
+        ty, s, C, k, dtype = TL_TYPES[c["dtype"]], c["scale"], c["C"], c["k"], c["dtype"]
         lr = 128 if s == 2 else 192
-        jit = dict(zip(_INT_ARGS, _geo_args(graph_geometry(lr, lr, s), c["C"], c["k"])))
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "jit_ints": jit}
-        ints = {n: "i32" for n in _INT_ARGS}
-        stats = {n: "*fp32" for n in ("qm_ptr", "qs_ptr", "km_ptr", "ks_ptr")}
-        for weighted in (False, True):
-            mode = "x1" if weighted else "knn"
-            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", "qm_ptr": "*fp32", "qs_ptr": "*fp32",
-                   "km_ptr": "*fp32", "kr_ptr": "*fp32", "logit_ptr": f"*{ty}",
-                   "out_ptr": f"*{ty}", **ints}
-            ph, vec = _phase_tile(2 * s, cfg.block_c)
-            const = {**geo, "PH": ph, "VEC": vec, "BLOCK_Y": cfg.block_y,
-                     "BLOCK_J": cfg.block_j, "BLOCK_C": cfg.block_c, "WEIGHTED": weighted,
-                     "DEBUG": False}
-            sig.update({n: "constexpr" for n in const})
-            specs.append((f"aggregate_fwd_{mode}_s{s}[{ty}]", _aggregate_fwd_kernel, sig,
-                          const, opts))
-            sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "gout_ptr": f"*{ty}",
-                   "w_ptr": "*fp32", "gf_ptr": "*fp32", "gqm_ptr": "*fp32", "gqs_ptr": "*fp32",
-                   "gkm_ptr": "*fp32", "gks_ptr": "*fp32", **ints}
-            const = {**geo, "BLOCK_QI": cfg.block_qi, "BLOCK_QJ": cfg.block_qj,
-                     "BLOCK_C": cfg.block_qc, "WEIGHTED": weighted, "DEBUG": False}
-            sig.update({n: "constexpr" for n in const})
-            specs.append((f"aggregate_bwd_{mode}_s{s}[{ty}]", _aggregate_bwd_kernel, sig,
-                          const, {**opts, "num_warps": cfg.q_num_warps}))
-        sig = {"f_ptr": f"*{ty}", "idx_ptr": "*i64", **stats, "logit_ptr": f"*{ty}",
-               "gout_ptr": f"*{ty}", "glogit_ptr": f"*{ty}", "w_ptr": "*fp32", **ints}
-        const = {**geo, "KPAD": triton.next_power_of_2(c["k"]), "BLOCK_Y": cfg.block_ly,
-                 "BLOCK_X": cfg.block_lx, "BLOCK_C": cfg.block_lc, "DEBUG": False}
-        sig.update({n: "constexpr" for n in const})
-        specs.append((f"aggregate_bwd_logits_s{s}[{ty}]", _aggregate_bwd_logits_kernel, sig,
-                      const, {**opts, "num_warps": cfg.l_num_warps}))
+        geo = graph_geometry(lr, lr, s)
+        feat = _meta(1, C, lr, lr, dtype=dtype)
+        idx = _meta(1, geo.num_queries, k, dtype=torch.int64)
+        stats = [_meta(1, C, n) for n in (geo.num_queries,) * 2 + (geo.num_keys,) * 2]
+        launches = {}
+        for mode, logits in (("knn", None), ("x1", _meta(1, k, s * lr, s * lr, dtype=dtype))):
+            with record_launches() as launches[mode]:
+                out = patch_aggregate(feat, idx, *stats, s, logits=logits, config=c["config"])
+                patch_aggregate_backward(feat, idx, *stats, out, s, logits=logits,
+                                         config=c["config"])
+            specs += [launch_spec(f"aggregate_fwd_{mode}_s{s}[{ty}]", launches[mode],
+                                  _aggregate_fwd_kernel),
+                      launch_spec(f"aggregate_bwd_{mode}_s{s}[{ty}]", launches[mode],
+                                  _aggregate_bwd_kernel)]
+        specs.append(launch_spec(f"aggregate_bwd_logits_s{s}[{ty}]", launches["x1"],
+                                 _aggregate_bwd_logits_kernel))
     return specs
+
+
+def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")

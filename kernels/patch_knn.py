@@ -8,8 +8,8 @@ Design
   (B, h + pads, w + pads, EP), EP = E rounded up to the channel block. This is 1x the map, not
   an unfold (p^2 x): it removes every bounds check from the inner loop (the spatial zero
   padding of spec section 2 and the channel padding that tl.dot's K >= 16 needs are real
-  zeros) and makes every operand load a contiguous run of channels. Measured on an H100 it
-  costs ~5% of the k-NN time.
+  zeros) and makes every operand load a contiguous run of channels (its cost:
+  profiling/NOTES.md).
 * Squared norms |q|^2, |k|^2 of every patch come from a small pre-pass kernel (fp32), so the
   main loop only does dot products: dist = (|q|^2 + |k|^2) - 2 q.k, the reference's formula.
 * Main kernel: one program = BLOCK_QR x BLOCK_QC neighbouring queries (default 8 x 8). Their
@@ -22,8 +22,8 @@ Design
   Per tile, a K loop over p*p positions x EP/BLOCK_E channel blocks runs tl.dot(queries
   (BM, BE), candidates (BE, BN)) into an fp32 accumulator: fp16 / bf16 on tensor cores
   (wgmma on sm_90: 64 query rows = one warpgroup tile), fp32 as "tf32x3" (three tf32
-  tensor-core passes, fp32-level accuracy, 4-6x faster than the FMA "ieee" path;
-  KnnConfig(fp32_precision="ieee") selects that one).
+  tensor-core passes, fp32-level accuracy, faster than the FMA "ieee" path, which
+  dataclasses.replace(default_knn_config(E, k, dtype), fp32_precision="ieee") selects).
 * Top-k in registers. A distance becomes an int32 whose signed order is the float order
   (bits, or bits ^ 0x7fffffff when negative; NaN canonicalised to +qNaN so it ranks after
   +inf), then an int64 key (sortable << 32) | n: "smaller key" is exactly "smaller distance,
@@ -58,21 +58,23 @@ Design
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..geometry import GraphGeometry, graph_geometry, window_start
-from .utils import SUPPORTED, TILE_ADVICE, TL_TYPES, check_int32, grid, on_tensor_device
+from ..geometry import GraphGeometry, graph_geometry
+from .aot import launch_spec
+from .utils import (SUPPORTED, TILE_ADVICE, TL_TYPES, check_int32, check_tensor, grid, launch,
+                    on_tensor_device, record_launches)
 
 __all__ = ["KnnConfig", "EdgeConfig", "patch_knn", "edge_features", "default_knn_config",
            "default_edge_config", "auto_splits", "launch_splits", "CTAS_PER_SM",
-           "DEFAULT_CONFIGS", "AOT_SPECS", "aot_specs"]
+           "DEFAULT_CONFIGS", "aot_specs"]
 
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of a candidate outside the window
 _INT64_MIN = tl.constexpr(-0x8000000000000000)  # key of an unused top-k slot (>= k)
@@ -83,8 +85,8 @@ _MIN_SPLIT_TILES = 4  # fewest candidate tiles per program when a block's scan i
 _MAX_SPLITS = 16
 # k-NN programs of the default configs resident per SM, keyed (fp32?, compute capability
 # major): registers x 128 threads and shared memory as compiled ahead of time, the fewer of
-# the whole-scan and split kernels (triton 3.9; tests/test_aot.py recomputes them; sm_80
-# 16-bit: 168 and 180 registers, 3 and 2 programs). Other archs: 2.
+# the whole-scan and split kernels (tests/test_aot.py recomputes them from the AOT report;
+# the counts behind them: profiling/NOTES.md). Other archs: 2.
 CTAS_PER_SM = {(False, 8): 2, (True, 8): 2, (False, 9): 4, (True, 9): 3}
 
 
@@ -93,15 +95,17 @@ CTAS_PER_SM = {(False, 8): 2, (True, 8): 2, (False, 9): 4, (True, 9): 3}
 @dataclass(frozen=True)
 class KnnConfig:
     """Tile shape of the k-NN kernel. BLOCK_M = block_qr * block_qc queries; every tl.dot dim
-    must be >= 16: block_qr * block_qc >= 16, block_n >= 16, block_e >= 16 (powers of two)."""
+    must be >= 16: block_qr * block_qc >= 16, block_n >= 16, block_e >= 16 (powers of two).
+    The tile fields have no defaults: the defaults depend on E and the dtype and are
+    default_knn_config's (change one field with dataclasses.replace)."""
 
-    block_qr: int = 4  # query rows per program
-    block_qc: int = 8  # query columns per program
-    block_n: int = 64  # candidates per tile
-    block_e: int = 64  # channels per K step
-    num_warps: int = 4
-    num_stages: int = 2
-    fp32_precision: str = "ieee"  # tl.dot input_precision for fp32 inputs: ieee | tf32x3
+    block_qr: int  # query rows per program
+    block_qc: int  # query columns per program
+    block_n: int  # candidates per tile
+    block_e: int  # channels per K step
+    num_warps: int
+    num_stages: int
+    fp32_precision: str  # tl.dot input_precision for fp32 inputs: ieee | tf32x3
     splits: int | None = None  # programs per query block (window scan split); None: launcher's
 
     @property
@@ -111,9 +115,11 @@ class KnnConfig:
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    block_q: int = 32  # (query, rank) pairs per program
-    block_e: int = 64  # channels per program
-    num_warps: int = 4
+    """Tile of the edge-feature kernel; the defaults are default_edge_config's."""
+
+    block_q: int  # (query, rank) pairs per program
+    block_e: int  # channels per program
+    num_warps: int
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
@@ -121,20 +127,18 @@ def _pow2_at_least(x: int, lo: int) -> int:
 
 
 def default_knn_config(E: int, k: int, dtype: torch.dtype) -> KnnConfig:
-    """Heuristic defaults keyed on dtype and E (k only sets KPAD, derived at launch).
-
-    Measured on an H100 (triton 3.6, E = 64, k = 5, w = 30, LR 256x256 .. 512x384): 8x8
-    query blocks (union halo ~20%, 64 rows = one wgmma warpgroup tile on sm_90) with 32
-    candidates per tile were fastest or within a few % of it, and spill-free on sm_80 and
-    sm_90 with triton 3.6 and 3.9. fp32 uses tf32x3 (three tensor-core passes, fp32-level
-    error: max relative distance error ~6e-7 vs float64 measured, below the ~1e-6 of the
-    FMA "ieee" path) because the FMA path was 4-6x slower; KnnConfig(fp32_precision="ieee")
-    restores it."""
+    """Defaults keyed on dtype and E (k only sets KPAD, derived at launch): 8 x 8 query
+    blocks (union halo ~20%, 64 rows = one wgmma warpgroup tile on sm_90) with 32 candidates
+    per tile, channel steps of up to 64 (32 for fp32), on 4 warps in 3 stages; fp32 as
+    tf32x3 (three tensor-core passes, fp32-level error). Why these (timings, errors):
+    profiling/NOTES.md. The FMA path: dataclasses.replace(default_knn_config(E, k,
+    torch.float32), fp32_precision="ieee")."""
     be = min(64, _pow2_at_least(E, 16))
     if dtype == torch.float32:
         return KnnConfig(block_qr=8, block_qc=8, block_n=32, block_e=min(be, 32), num_warps=4,
                          num_stages=3, fp32_precision="tf32x3")
-    return KnnConfig(block_qr=8, block_qc=8, block_n=32, block_e=be, num_warps=4, num_stages=3)
+    return KnnConfig(block_qr=8, block_qc=8, block_n=32, block_e=be, num_warps=4, num_stages=3,
+                     fp32_precision="ieee")
 
 
 def default_edge_config(E: int, dtype: torch.dtype) -> EdgeConfig:
@@ -412,31 +416,24 @@ def _edge_features_kernel(yq_ptr, xk_ptr, idx_ptr, out_ptr,
 
 # --------------------------------------------------------------------------- launchers
 
-def _check(t: torch.Tensor, name: str) -> None:
-    assert t.is_contiguous(), f"{name} must be contiguous"
-    assert t.dtype in SUPPORTED, f"{name}: fp32, fp16 or bf16 only; got {t.dtype}"
-    if not os.environ.get("TRITON_INTERPRET"):
-        assert t.is_cuda, f"{name} must be a CUDA tensor (set TRITON_INTERPRET=1 for CPU)"
-
-
 def _padded_channels_last(x: torch.Tensor, grid_h, grid_w, ep: int) -> torch.Tensor:
     """(B, E, h, w) -> zero-padded (B, pad_before + h + pad_after, ..., ep) channels-last copy,
     one pass (_pack_kernel writes every element, pads and extra channels as zeros)."""
     B, E, h, w = x.shape
     Hp, Wp = grid_h.padded, grid_w.padded
     out = torch.empty(B, Hp, Wp, ep, device=x.device, dtype=x.dtype)
-    _pack_kernel[grid("pack", triton.cdiv(Wp, _PACK_BLOCK_W) * Hp, B)](
-        x, out, E, h, w, Hp, Wp, grid_h.pad_before, grid_w.pad_before, EP=ep,
-        BLOCK_W=_PACK_BLOCK_W, BLOCK_C=min(64, triton.next_power_of_2(ep)), num_warps=4)
+    launch(_pack_kernel, grid("pack", triton.cdiv(Wp, _PACK_BLOCK_W) * Hp, B),
+           x, out, E, h, w, Hp, Wp, grid_h.pad_before, grid_w.pad_before, EP=ep,
+           BLOCK_W=_PACK_BLOCK_W, BLOCK_C=min(64, triton.next_power_of_2(ep)), num_warps=4)
     return out
 
 
 def _sqnorms(xp: torch.Tensor, g1: int, g2: int, geo: GraphGeometry, block_e: int) -> torch.Tensor:
     B, Hp, Wp, EP = xp.shape
     out = torch.empty(B, g1 * g2, device=xp.device, dtype=torch.float32)
-    _patch_sqnorm_kernel[grid("patch_sqnorm", triton.cdiv(g1 * g2, _SQNORM_BLOCK_P), B)](
-        xp, out, Hp, Wp, g1, g2, STRIDE=geo.stride, PATCH=geo.patch, EP=EP,
-        BLOCK_P=_SQNORM_BLOCK_P, BLOCK_E=block_e, num_warps=4)
+    launch(_patch_sqnorm_kernel, grid("patch_sqnorm", triton.cdiv(g1 * g2, _SQNORM_BLOCK_P), B),
+           xp, out, Hp, Wp, g1, g2, STRIDE=geo.stride, PATCH=geo.patch, EP=EP,
+           BLOCK_P=_SQNORM_BLOCK_P, BLOCK_E=block_e, num_warps=4)
     return out
 
 
@@ -454,10 +451,9 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
               patch: int = 3, stride: int = 2, *, config: KnnConfig | None = None):
     """dist (B, M, k) fp32 ascending, idx (B, M, k) int64: the k nearest son patches of every
     query patch inside its window (reference.graph.patch_knn semantics, NaN last)."""
-    _check(ye, "ye")
-    _check(xe, "xe")
-    assert xe.dtype == ye.dtype
+    check_tensor("ye", ye, ("B", "E", "H", "W"))
     B, E, H, W = ye.shape
+    check_tensor("xe", xe, (B, E, H // scale, W // scale), (ye.dtype,))
     geo = graph_geometry(H, W, scale, patch, stride, window)
     assert 1 <= k <= geo.num_candidates, f"k = {k} outside [1, {geo.num_candidates}]"
     if geo.n1 >= 1 << 15 or geo.n2 >= 1 << 16:
@@ -479,18 +475,18 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, scale: int, window: in
     splits = launch_splits(geo, cfg, B, ye.device, ye.dtype)
     keys = idx if splits == 1 else torch.empty(B, M, splits * k, device=ye.device,
                                                dtype=torch.int64)
-    _patch_knn_kernel[grid("patch_knn", blocks[0] * splits, blocks[1], B)](
-        yq, xk, qn, kn, dist, idx, keys,
-        yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
-        geo.m1, geo.m2, geo.n1, geo.n2, geo.window_h, geo.window_w, k, geo.scale, splits,
-        STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_QR=cfg.block_qr,
-        BLOCK_QC=cfg.block_qc, BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, KPAD=_kpad(k),
-        PRECISION=_precision(cfg, ye.dtype), PARTIAL=splits > 1, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    launch(_patch_knn_kernel, grid("patch_knn", blocks[0] * splits, blocks[1], B),
+           yq, xk, qn, kn, dist, idx, keys,
+           yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
+           geo.m1, geo.m2, geo.n1, geo.n2, geo.window_h, geo.window_w, k, geo.scale, splits,
+           STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_QR=cfg.block_qr,
+           BLOCK_QC=cfg.block_qc, BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, KPAD=_kpad(k),
+           PRECISION=_precision(cfg, ye.dtype), PARTIAL=splits > 1, num_warps=cfg.num_warps,
+           num_stages=cfg.num_stages)
     if splits > 1:
-        _knn_merge_kernel[grid("knn_merge", triton.cdiv(B * M, _MERGE_BLOCK_Q))](
-            keys, dist, idx, B * M, k, splits * k, BLOCK_Q=_MERGE_BLOCK_Q,
-            WPAD=triton.next_power_of_2(splits * k), num_warps=4)
+        launch(_knn_merge_kernel, grid("knn_merge", triton.cdiv(B * M, _MERGE_BLOCK_Q)),
+               keys, dist, idx, B * M, k, splits * k, BLOCK_Q=_MERGE_BLOCK_Q,
+               WPAD=triton.next_power_of_2(splits * k), num_warps=4)
     return dist, idx
 
 
@@ -504,20 +500,20 @@ def launch_splits(geo: GraphGeometry, cfg: KnnConfig, B: int, device: torch.devi
     return auto_splits(programs, _tiles(geo, cfg), *_slots(device, dtype))
 
 
-def _union_extent(queries: int, block: int, scale: int, win: int, count: int) -> int:
-    """The most son rows (or columns) that the union of a query block's windows spans."""
-    def start(x):
-        return window_start(x, scale, win, count)
-    return max(start(min(q0 + block, queries) - 1) + win - start(q0)
-               for q0 in range(0, queries, block))
+def _union_extent(geo: GraphGeometry, axis: int, block: int) -> int:
+    """The most son rows (axis 0) or columns (axis 1) that the union of the windows of a
+    block of `block` query rows (or columns) spans."""
+    queries, win = (geo.m1, geo.window_h) if axis == 0 else (geo.m2, geo.window_w)
+    return max(geo.window_start(axis, min(q0 + block, queries) - 1) + win
+               - geo.window_start(axis, q0) for q0 in range(0, queries, block))
 
 
 @functools.lru_cache(maxsize=256)
 def _tiles(geo: GraphGeometry, cfg: KnnConfig) -> int:
     """Candidate tiles of the largest union of windows (the kernel's trip count); cached, as
     the Python loop over query blocks costs tens of microseconds per launch."""
-    rows = _union_extent(geo.m1, cfg.block_qr, geo.scale, geo.window_h, geo.n1)
-    cols = _union_extent(geo.m2, cfg.block_qc, geo.scale, geo.window_w, geo.n2)
+    rows = _union_extent(geo, 0, cfg.block_qr)
+    cols = _union_extent(geo, 1, cfg.block_qc)
     return triton.cdiv(rows * cols, cfg.block_n)
 
 
@@ -559,14 +555,13 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: 
     """diff (B, M, k, E) in ye's dtype: per channel, the sum over the patch positions of
     |query patch - neighbour patch| (reference.graph.edge_features); NaN (every channel)
     for an idx outside [0, N), which is never read."""
-    _check(ye, "ye")
-    _check(xe, "xe")
-    assert idx.is_contiguous() and idx.dtype == torch.int64
+    check_tensor("ye", ye, ("B", "E", "H", "W"))
     B, E, H, W = ye.shape
+    check_tensor("xe", xe, (B, E, "h", "w"), (ye.dtype,))
     scale = H // xe.shape[2]
     geo = graph_geometry(H, W, scale, patch, stride, 1)
     M = geo.num_queries
-    assert idx.dim() == 3 and idx.shape[:2] == (B, M), f"idx must be (B, M, k); got {idx.shape}"
+    check_tensor("idx", idx, (B, M, "k"), (torch.int64,))
     k = idx.shape[2]
     cfg = config or default_edge_config(E, ye.dtype)
     ep = triton.cdiv(E, 8) * 8  # channel stride a multiple of 8: 16-byte vector loads
@@ -576,18 +571,19 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, patch: 
     out = torch.empty(B, M, k, E, device=ye.device, dtype=ye.dtype)
     if out.numel() == 0:
         return out
-    launch = grid("edge_features", triton.cdiv(M * k, cfg.block_q), triton.cdiv(E, cfg.block_e), B)
-    _edge_features_kernel[launch](
-        yq, xk, idx, out, yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
-        geo.m2, geo.n2, geo.num_keys, M * k, k, E,
-        STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_Q=cfg.block_q, BLOCK_E=cfg.block_e,
-        num_warps=cfg.num_warps)
+    launch(_edge_features_kernel,
+           grid("edge_features", triton.cdiv(M * k, cfg.block_q), triton.cdiv(E, cfg.block_e), B),
+           yq, xk, idx, out, yq.shape[1], yq.shape[2], xk.shape[1], xk.shape[2],
+           geo.m2, geo.n2, geo.num_keys, M * k, k, E,
+           STRIDE=geo.stride, PATCH=geo.patch, EP=ep, BLOCK_Q=cfg.block_q, BLOCK_E=cfg.block_e,
+           num_warps=cfg.num_warps)
     return out
 
 
 # --------------------------------------------------------------------------- AOT specs
 
-# Default configs for the spec's shapes: E = 64 embedding channels, k = 5, p = 3, t = 2.
+# Default configs for the spec's shapes: E = 64 embedding channels, k = 5 (the launchers'
+# default p = 3, t = 2).
 DEFAULT_CONFIGS = [
     {"dtype": dt, "E": 64, "k": 5, "knn": default_knn_config(64, 5, dt),
      "edge": default_edge_config(64, dt)}
@@ -596,68 +592,36 @@ DEFAULT_CONFIGS = [
 
 
 def aot_specs(configs=None):
-    """(name, kernel, signature, constexprs, options) for every kernel the launchers run with
-    the given default configs, all dtypes; consumed by kernels.aot and tests/test_aot.py."""
+    """(name, kernel, signature, constexprs, options) of every kernel the launchers run with
+    the given default configs, all dtypes, as they launch them at the bench's shape (LR
+    256 x 256, s = 2, window 30, B = 1; recorded on meta tensors): the k-NN scan whole and
+    split (2 programs per query block), the edge features, and the packing and norm kernels
+    (as compiled for any shape only: they run at two shapes per call, the LR and son maps),
+    and the split merge at its widest (_MAX_SPLITS splits); consumed by kernels.aot and
+    tests/test_aot.py."""
+    configs = configs or DEFAULT_CONFIGS
     specs = []
-    for c in configs or DEFAULT_CONFIGS:
-        ty = TL_TYPES[c["dtype"]]
-        knn, edge = c["knn"], c["edge"]
-        ep = triton.cdiv(c["E"], knn.block_e) * knn.block_e
-        # the JIT's view at the bench's shape: LR 256 x 256, s = 2, window 30, B = 1
-        jit = _jit_ints(graph_geometry(256, 256, 2, 3, 2, 30), c["E"], c["k"])
-        specs.append((f"pack[{ty}]", _pack_kernel,
-                      {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "E": "i32", "h": "i32", "w": "i32",
-                       "Hp": "i32", "Wp": "i32", "top": "i32", "left": "i32", "EP": "constexpr",
-                       "BLOCK_W": "constexpr", "BLOCK_C": "constexpr"},
-                      {"EP": ep, "BLOCK_W": _PACK_BLOCK_W,
-                       "BLOCK_C": min(64, triton.next_power_of_2(ep))},
-                      {"num_warps": 4}))
-        specs.append((f"patch_sqnorm[{ty}]", _patch_sqnorm_kernel,
-                      {"x_ptr": f"*{ty}", "out_ptr": "*fp32", "Hp": "i32", "Wp": "i32",
-                       "g1": "i32", "g2": "i32", "STRIDE": "constexpr", "PATCH": "constexpr",
-                       "EP": "constexpr", "BLOCK_P": "constexpr", "BLOCK_E": "constexpr"},
-                      {"STRIDE": 2, "PATCH": 3, "EP": ep, "BLOCK_P": _SQNORM_BLOCK_P,
-                       "BLOCK_E": knn.block_e},
-                      {"num_warps": 4}))
-        sig = {"yq_ptr": f"*{ty}", "xk_ptr": f"*{ty}", "qn_ptr": "*fp32", "kn_ptr": "*fp32",
-               "dist_ptr": "*fp32", "idx_ptr": "*i64", "keys_ptr": "*i64"}
-        sig.update({name: "i32" for name in ("Hq", "Wq", "Hk", "Wk", "m1", "m2", "n1", "n2",
-                                             "wh", "ww", "k", "scale", "splits")})
-        const = {"STRIDE": 2, "PATCH": 3, "EP": ep, "BLOCK_QR": knn.block_qr,
-                 "BLOCK_QC": knn.block_qc, "BLOCK_N": knn.block_n, "BLOCK_E": knn.block_e,
-                 "KPAD": _kpad(c["k"]), "PRECISION": _precision(knn, c["dtype"])}
-        sig.update({name: "constexpr" for name in [*const, "PARTIAL"]})
-        for partial in (False, True):
-            name = "patch_knn_split" if partial else "patch_knn"
-            specs.append((f"{name}[{ty}]", _patch_knn_kernel, sig, {**const, "PARTIAL": partial},
-                          {"num_warps": knn.num_warps, "num_stages": knn.num_stages,
-                           "jit_ints": {n: jit[n] + partial if n == "splits" else jit[n]
-                                        for n in sig if sig[n] == "i32"}}))
-        sig = {"yq_ptr": f"*{ty}", "xk_ptr": f"*{ty}", "idx_ptr": "*i64", "out_ptr": f"*{ty}"}
-        sig.update({name: "i32" for name in ("Hq", "Wq", "Hk", "Wk", "m2", "n2", "N", "MK", "k",
-                                             "E")})
-        const = {"STRIDE": 2, "PATCH": 3, "EP": triton.cdiv(c["E"], 8) * 8,
-                 "BLOCK_Q": edge.block_q, "BLOCK_E": edge.block_e}
-        sig.update({name: "constexpr" for name in const})
-        specs.append((f"edge_features[{ty}]", _edge_features_kernel, sig, const,
-                      {"num_warps": edge.num_warps,
-                       "jit_ints": {n: jit[n] for n in sig if sig[n] == "i32"}}))
-    k = (configs or DEFAULT_CONFIGS)[0]["k"]
-    specs.append(("knn_merge", _knn_merge_kernel,
-                  {"keys_ptr": "*i64", "dist_ptr": "*fp32", "idx_ptr": "*i64", "rows": "i32",
-                   "k": "i32", "width": "i32", "BLOCK_Q": "constexpr", "WPAD": "constexpr"},
-                  {"BLOCK_Q": _MERGE_BLOCK_Q, "WPAD": triton.next_power_of_2(_MAX_SPLITS * k)},
-                  {"num_warps": 4}))
+    for c in configs:
+        ty, k, knn = TL_TYPES[c["dtype"]], c["k"], c["knn"]
+        ye, xe = _aot_inputs(c)
+        with record_launches() as whole:
+            _, idx = patch_knn(ye, xe, k, 2, config=knn)
+        with record_launches() as split:
+            patch_knn(ye, xe, k, 2, config=dataclasses.replace(knn, splits=2))
+        with record_launches() as edge:
+            edge_features(ye, xe, idx, config=c["edge"])
+        specs += [launch_spec(f"pack[{ty}]", whole, _pack_kernel, jit=False),
+                  launch_spec(f"patch_sqnorm[{ty}]", whole, _patch_sqnorm_kernel, jit=False),
+                  launch_spec(f"patch_knn[{ty}]", whole, _patch_knn_kernel),
+                  launch_spec(f"patch_knn_split[{ty}]", split, _patch_knn_kernel),
+                  launch_spec(f"edge_features[{ty}]", edge, _edge_features_kernel)]
+    with record_launches() as widest:
+        patch_knn(*_aot_inputs(configs[0]), configs[0]["k"], 2,
+                  config=dataclasses.replace(configs[0]["knn"], splits=_MAX_SPLITS))
+    specs.append(launch_spec("knn_merge", widest, _knn_merge_kernel, jit=False))
     return specs
 
 
-def _jit_ints(geo: GraphGeometry, E: int, k: int) -> dict:
-    """The integer arguments of the k-NN and edge kernels for one geometry (B = 1)."""
-    return {"Hq": geo.query_h.padded, "Wq": geo.query_w.padded, "Hk": geo.son_h.padded,
-            "Wk": geo.son_w.padded, "m1": geo.m1, "m2": geo.m2, "n1": geo.n1, "n2": geo.n2,
-            "wh": geo.window_h, "ww": geo.window_w, "k": k, "scale": geo.scale,
-            "N": geo.num_keys, "MK": geo.num_queries * k, "E": E, "splits": 1}
-
-
-# (name, kernel, signature, constexprs, launch options) of every default config, all dtypes
-AOT_SPECS = aot_specs()
+def _aot_inputs(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """ye (1, E, 256, 256) and xe (1, E, 128, 128) of a default config, on the meta device."""
+    return tuple(torch.empty(1, c["E"], n, n, dtype=c["dtype"], device="meta") for n in (256, 128))

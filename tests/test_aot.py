@@ -46,6 +46,19 @@ def test_default_configs_compile_without_spills(module, reports):
             assert r.mma or r.wgmma, f"{r.name} sm_{r.arch} uses no tensor-core instruction"
 
 
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_every_kernel_has_a_spec(module):
+    """The specs are recorded from the launchers: every kernel of the module is among them,
+    and each spec's signature is its kernel's parameter list."""
+    mod = importlib.import_module(module)
+    kernels = {value for name, value in vars(mod).items() if name.endswith("_kernel")}
+    specs = mod.aot_specs()
+    assert {fn for _, fn, *_ in specs} == kernels
+    for name, fn, signature, constexprs, _ in specs:
+        assert list(signature) == list(fn.arg_names), name
+        assert {n for n, ty in signature.items() if ty == "constexpr"} == set(constexprs), name
+
+
 def test_aggregate_table_has_every_dtype_and_scale():
     """The x3 model runs bf16 by default on CUDA: the aggregation's s = 3 builds of every
     dtype are in the table (so compiled and checked for spills above), like s = 2's."""

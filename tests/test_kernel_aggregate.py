@@ -55,17 +55,19 @@ GRAD_TOL = (1e-4, 2e-5)  # fp32 gradients (atomics: summation order varies)
 # Interpreter: one tile covers a whole (small) HR plane / query grid / stats plane.
 BIG = pa.AggregateConfig(block_y=64, block_j=16, block_c=8, num_warps=4, block_qi=8,
                          block_qj=8, block_qc=8, q_num_warps=4, block_ly=64, block_lx=64,
-                         block_lc=8, l_num_warps=4)
+                         block_lc=8, l_num_warps=4, num_stages=1)
 STATS_BIG = ps.StatsConfig(block_g=64, block_p=256, num_warps=4)
 # Multi-tile: partial pixel / query / channel tiles everywhere.
 SMALL = pa.AggregateConfig(block_y=2, block_j=2, block_c=4, num_warps=4, block_qi=2,
                            block_qj=4, block_qc=4, q_num_warps=4, block_ly=2, block_lx=16,
-                           block_lc=4, l_num_warps=4)
+                           block_lc=4, l_num_warps=4, num_stages=1)
 STATS_SMALL = ps.StatsConfig(block_g=8, block_p=16, num_warps=4)
 # The forward as the launcher runs it (one HR row per program: compile-time phase masks), in
 # small tiles: several rows, column blocks (a partial one at the right edge) and channel
 # blocks (a partial one) per plane.
-ROWS = pa.AggregateConfig(block_y=1, block_j=4, block_c=4, num_warps=4)
+ROWS = pa.AggregateConfig(block_y=1, block_j=4, block_c=4, num_warps=4, block_qi=1, block_qj=32,
+                          block_qc=16, q_num_warps=8, block_ly=1, block_lx=32, block_lc=8,
+                          l_num_warps=4, num_stages=1)
 AGG_CFG = None if GPU else BIG  # None = the launcher's defaults
 STATS_CFG = None if GPU else STATS_BIG
 

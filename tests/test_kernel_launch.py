@@ -93,7 +93,8 @@ def _run_every_launcher(ye, xe, feat, idx, logits, s):
     """One call of every launcher (the k-NN with and without a split scan)."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
-    small = pk.KnnConfig(block_qr=2, block_qc=8, block_n=16, block_e=16, num_stages=1)
+    small = pk.KnnConfig(block_qr=2, block_qc=8, block_n=16, block_e=16, num_warps=4,
+                         num_stages=1, fp32_precision="ieee")
     for splits in (1, 3):
         pk.patch_knn(ye, xe, k, s, 30, config=dataclasses.replace(small, splits=splits))
     pk.edge_features(ye, xe, idx)
@@ -283,8 +284,8 @@ def aggregate_past_2_31():
     query = [torch.randn(M, C, generator=gen, dtype=torch.float64),
              0.5 + torch.rand(M, C, generator=gen, dtype=torch.float64)]
     qm, qs = (q.float().to(DEVICE)[None] for q in query)  # (1, M, C)
-    args = dict(zip(pa._INT_ARGS, pa._geo_args(small, C, k)))
-    args.update({n: v for n, v in zip(pa._INT_ARGS, pa._geo_args(big, C, k))
+    args = pa._geo_args(small, C, k)
+    args.update({n: v for n, v in pa._geo_args(big, C, k).items()
                  if n in ("H", "W", "n2", "N", "k_top", "k_left")})
     cfg = pa.default_aggregate_config(C, dtype, s)
     HO = WO = 16
@@ -292,14 +293,14 @@ def aggregate_past_2_31():
     ph, vec = pa._phase_tile(small.hr_stride, cfg.block_c)
     tiles = HO * triton.cdiv(triton.cdiv(WO, small.hr_stride), cfg.block_j)  # the launcher's
     pa._aggregate_fwd_kernel[(tiles, 1, 1)](
-        f_cl, idx, qm, qs, km, kr, out, out, *args.values(), **pa._geo_constexprs(small),
+        f_cl, idx, qm, qs, km, kr, out, out, **args, **pa._geo_constexprs(small),
         PH=ph, VEC=vec, BLOCK_Y=1, BLOCK_J=cfg.block_j, BLOCK_C=cfg.block_c, WEIGHTED=False,
         DEBUG=False, num_warps=cfg.num_warps, num_stages=1)
     grad_out = torch.randn(1, k, C, HO, WO, generator=gen).to(dtype)
     gqm, gqs = (torch.zeros(1, C, M, device=DEVICE) for _ in range(2))
     pa._aggregate_bwd_kernel[(small.m1 * triton.cdiv(small.m2, cfg.block_qj), 1, 1)](
         f_cl, idx, qm, qs, km, ks, grad_out.to(DEVICE), qm, gf, gqm, gqs, gkm, gks,
-        *args.values(), **pa._geo_constexprs(small), BLOCK_QI=1, BLOCK_QJ=cfg.block_qj,
+        **args, **pa._geo_constexprs(small), BLOCK_QI=1, BLOCK_QJ=cfg.block_qj,
         BLOCK_C=cfg.block_qc, WEIGHTED=False, DEBUG=False, num_warps=cfg.q_num_warps,
         num_stages=1)
     # float64: z = (block - mu_k) / sigma_k * sigma_q + mu_q, folded over the small HR grid

@@ -50,7 +50,8 @@ INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
 
 # Small tiles keep the interpreter fast and exercise several query blocks, candidate tiles
 # and channel chunks per position even on tiny maps.
-SMALL = pk.KnnConfig(block_qr=2, block_qc=8, block_n=16, block_e=16, num_warps=4, num_stages=1)
+SMALL = pk.KnnConfig(block_qr=2, block_qc=8, block_n=16, block_e=16, num_warps=4, num_stages=1,
+                     fp32_precision="ieee")
 SPLIT = dataclasses.replace(SMALL, splits=3)  # each query block's tiles scanned by 3 programs
 EDGE_SMALL = pk.EdgeConfig(block_q=16, block_e=16, num_warps=4)
 KNN_CONFIGS = [SMALL, SPLIT] + ([None] if GPU else [])  # None = the launcher's defaults
