@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .images import atomic_write
+from .atomic import atomic_write
 from .model import EDSR, IGNN, config_problems, drop_embedcnn_alias
 
 FORMAT = "ignn_triton"

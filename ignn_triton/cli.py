@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, load_model
-from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, atomic_write, image_size, quantise,
-                     read_array, read_image, write_array, write_image)
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, image_size, quantise, read_array,
+                     read_image, write_array, write_image)
 from .imresize import imresize
 from .metrics import psnr_y, ssim_y
 from .upscale import MemoryBudgetError, check_tile, peak_memory

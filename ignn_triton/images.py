@@ -4,22 +4,22 @@
   (H, W, 4) RGBA, uint8 or uint16. 16-bit PNGs (which Pillow only reads as grayscale) go
   through a small PNG codec here, so 16-bit RGB/RGBA stay 16-bit.
 - `read_image` / `write_image`: (1, 3, H, W) float32 RGB tensors in [0, 1].
-Writes go to a temporary file in the target folder renamed into place: never a
-half-written file.
+Writes go to a temporary file in the target folder renamed into place
+(`atomic.atomic_write`): never a half-written file.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .atomic import atomic_write
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Images declaring more pixels are refused before decoding (image_size, read_array): the
@@ -228,32 +228,6 @@ def read_array(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if array.ndim < 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"{path}: image is {array.shape[:2]}; it must be at least 1x1")
     return np.ascontiguousarray(array)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside path, then rename it into place: path is
-    either untouched or complete. The file gets the usual permissions (0666 & ~umask)."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    except OSError as e:
-        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a vanished folder: one line naming the file
-        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_array(array: np.ndarray, path, **save_options) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the built-in x2 weights ignn_triton/data/ignn_x2_c64b16.safetensors (see
 # ignn_triton/data/MODEL_CARD.md) on the CPU: 2000 steps from stage 1 of the x4 recipe
-# (every layer of the x4 model that fits a x2 one, see ignn_triton.train.ignn_across_scales),
+# (every layer of the x4 model that fits a x2 one, see ignn_triton.transfer.ignn_across_scales),
 # then evaluates on the held-out images. Restartable: call it again after an interruption.
 #   bash recipes/builtin_x2.sh [RUN_DIR]      (needs `pip install -e ".[test]"` for skimage)
 set -euo pipefail

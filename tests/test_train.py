@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 
 from ignn_triton import EDSR, IGNN, imresize, load_model, save_model
 from ignn_triton import train as trainer
-from ignn_triton.images import _umask, write_array
+from ignn_triton.atomic import _umask
+from ignn_triton.images import quantise, write_array
+from ignn_triton.train_checkpoint import build_model
+from ignn_triton.train_data import PatchDataset, StepSampler
+from ignn_triton.transfer import initialise
 
 TINY = ["--scale", "4", "--n-feats", "8", "--n-resblocks", "2", "--crop", "48", "--batch", "4",
         "--no-progress", "--log-every", "1"]
@@ -163,20 +167,19 @@ def test_ddp_two_processes_gloo(data, tmp_path):
 
 
 def test_samples_are_a_function_of_seed_and_number(data):
-    ds = trainer.PatchDataset([data / "train"], 4, 48, seed=3, rgb_permute=True)
+    ds = PatchDataset([data / "train"], 4, 48, seed=3, rgb_permute=True)
     lr, hr = ds[12]
     assert lr.shape == (3, 12, 12) and hr.shape == (3, 48, 48)
     assert torch.equal(ds[12][1], hr) and not torch.equal(ds[13][1], hr)
-    assert torch.equal(lr, trainer.quantise(imresize(hr, 1 / 4)))
+    assert torch.equal(lr, quantise(imresize(hr, 1 / 4)))
     assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit LR, like a stored image
-    uncached = trainer.PatchDataset([data / "train"], 4, 48, seed=3, rgb_permute=True,
-                                    cache_bytes=0)
+    uncached = PatchDataset([data / "train"], 4, 48, seed=3, rgb_permute=True, cache_bytes=0)
     assert ds.cache is not None and uncached.cache is None
     for n in range(40):  # cached or decoded per sample: the same crops
         assert all(torch.equal(a, b) for a, b in zip(ds[n], uncached[n]))
-    other = trainer.PatchDataset([data / "train"], 4, 48, seed=4, rgb_permute=True)
+    other = PatchDataset([data / "train"], 4, 48, seed=4, rgb_permute=True)
     assert not torch.equal(other[12][1], hr)
-    assert list(trainer.StepSampler(2, 4, 6, rank=1, world=2)) == [15, 16, 17, 21, 22, 23]
+    assert list(StepSampler(2, 4, 6, rank=1, world=2)) == [15, 16, 17, 21, 22, 23]
 
 
 def test_paired_lr_folder_stays_aligned(tmp_path):
@@ -188,7 +191,7 @@ def test_paired_lr_folder_stays_aligned(tmp_path):
         lr = rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)
         write_array(lr, tmp_path / "lr" / f"{name}x4.png")  # the DIV2K naming
         write_array(np.kron(lr, np.ones((4, 4, 1), np.uint8)), tmp_path / "hr" / f"{name}.png")
-    ds = trainer.PatchDataset([tmp_path / "hr"], 4, 32, lr_folders=[tmp_path / "lr"])
+    ds = PatchDataset([tmp_path / "hr"], 4, 32, lr_folders=[tmp_path / "lr"])
     for n in range(20):
         lr, hr = ds[n]
         assert torch.equal(hr, lr.repeat_interleave(4, 1).repeat_interleave(4, 2))
@@ -210,7 +213,7 @@ def test_init_from_edsr_backbone_and_ignn(data, tmp_path):
     edsr = EDSR(scale=4, n_feats=8, n_resblocks=2, res_scale=1.0)
     torch.save(edsr.state_dict(), tmp_path / "edsr.pt")
     model = IGNN(scale=4, n_feats=8, n_resblocks=2, res_scale=1.0)
-    assert trainer.initialise(model, tmp_path / "edsr.pt").startswith("EDSR backbone")
+    assert initialise(model, tmp_path / "edsr.pt").startswith("EDSR backbone")
     own = model.state_dict()
     pairs = {"head.0.weight": "head.0.weight", "body1.0.body.0.weight": "body.0.body.0.weight",
              "body2.0.body.2.bias": "body.1.body.2.bias", "body2.1.0.weight": "body.2.weight",
@@ -283,7 +286,7 @@ def test_init_across_scales_maps_what_fits(data, tmp_path):
     model = IGNN(scale=4, n_feats=8, n_resblocks=2, res_scale=1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     save_model(source, tmp_path / "x2.safetensors")
-    message = trainer.initialise(model, tmp_path / "x2.safetensors")
+    message = initialise(model, tmp_path / "x2.safetensors")
     assert message.endswith("for a x4 model (tail.0.0 at random)")
     for key, value in model.state_dict().items():
         if key.startswith("tail.0.0."):
@@ -392,6 +395,6 @@ def test_compiled_training_matches_eager(data, tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)  # the trainer's seed: its initial weights
-    init = trainer.build_model(trainer.parse_args([str(x) for x in args] + ["--out", "x"]))
+    init = build_model(trainer.parse_args([str(x) for x in args] + ["--out", "x"]))
     assert not torch.equal(a["head.0.weight"], init.state_dict()["head.0.weight"])
     assert torch.equal(a["vggnet.model.0.weight"], init.state_dict()["vggnet.model.0.weight"])
