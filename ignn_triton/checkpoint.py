@@ -106,7 +106,7 @@ def _unwrap(path: Path, obj) -> tuple[dict, dict | None]:
         which = "EMA weights" if ema is not None else "model weights (it kept no EMA)"
         warnings.warn(f"{path}: a training checkpoint of ignn-triton train (step "
                       f"{obj['step']!r}); loading its {which}. The run folder's "
-                      f"model.safetensors holds the same weights", stacklevel=4)
+                      f"model.safetensors holds the same weights", stacklevel=5)
         config = {key: args.get(key) for key in ("scale", "n_feats", "n_resblocks",
                                                    "res_scale", "k", "window")}
         config.update(patch_size=3, stride=2)  # the trainer's IGNN always uses these
@@ -134,6 +134,30 @@ def _strip_prefix(state: dict) -> dict:
     if state and all(key.startswith("module.") for key in state):
         return {key[len("module."):]: value for key, value in state.items()}
     return state
+
+
+def _normalised(state: dict) -> dict:
+    """A new dict of state without the `module.` prefix and the VGG alias."""
+    state = dict(_strip_prefix(state))
+    drop_embedcnn_alias(state, "")
+    return state
+
+
+def identify(obj, name="state_dict") -> tuple[str, dict, dict]:
+    """(architecture, constructor config, state_dict) of a checkpoint already in memory: what
+    a torch file held (a released IGNN dict, a bare IGNN or EDSR state_dict, a training
+    checkpoint) or a safetensors file's tensors. The config is the training checkpoint's,
+    else inferred from the shapes (`infer_config`); keys are normalised in a new dict (obj is
+    left as it is). Not validated (`validate`); errors name `name`."""
+    state, config = _unwrap(name, obj)
+    state = _normalised(state)
+    if config is not None:
+        return "IGNN", config, state
+    try:
+        arch, config = infer_config(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    return arch, config, state
 
 
 def _count_blocks(state: dict, prefix: str) -> int:
@@ -271,20 +295,11 @@ def read_checkpoint(path, map_location="cpu", **overrides) -> tuple[str, dict, d
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     obj, metadata = _read(path, map_location)
-    config = None
     if metadata and metadata.get("format") == FORMAT:
         arch, config = _metadata_config(path, metadata)
-        state = obj
+        state = _normalised(obj)
     else:
-        state, config = _unwrap(path, obj) if metadata is None else (obj, None)
-        arch = "IGNN" if config is not None else None
-    state = _strip_prefix(state)
-    drop_embedcnn_alias(state, "")
-    if config is None:
-        try:
-            arch, config = infer_config(state)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        arch, config, state = identify(obj, path)
     config = {**config, **overrides}
     validate(path, arch, config, state)
     return arch, config, state
