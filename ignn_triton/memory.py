@@ -119,21 +119,22 @@ def _cpu_paths_visible():
 def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: int, patch: int,
                         stride: int) -> int:
     """Bytes the CPU backend of patch_aggregate allocates besides its output, from the
-    chunking it uses (ops._cpu_chunks): the padded HR fold buffer, one gather, a channel
-    chunk's key blocks (and the next chunk's, while it is made) and its padded source,
-    the chunk's statistics, the work-dtype copies of F and of the output when F is 16-bit,
-    and with logits the softmax weights and one rank's HR map."""
+    chunking it uses (ops._cpu_chunks, ops._offset_rows): the padded HR fold buffer and its
+    polyphase twin, one offset's gather and its normalisation terms, a channel chunk's key
+    pixels by offset (and the next chunk's, while it is made) and its padded source, the
+    work-dtype copies of F and of the output when F is 16-bit, and with logits the softmax
+    weights and one rank's HR map."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
     geo = graph_geometry(H, W, scale, patch, stride)
     ps, ts, s = geo.hr_patch, geo.hr_stride, geo.scale
     q = -(-ps // ts) - 1
-    cc, rows = ops._cpu_chunks(geo, C)
-    elements = (cc * (geo.m1 + q) * ts * (geo.m2 + q) * ts  # fold buffer
-                + rows * geo.m2 * cc * ps * ps  # gather
-                + 2 * geo.num_keys * cc * ps * ps  # key blocks
-                + cc * ((geo.n1 - 1) * ts + ps) * ((geo.n2 - 1) * ts + ps)  # padded source
-                + 2 * (geo.num_queries + geo.num_keys) * cc)  # statistics
+    cc = ops._cpu_chunks(geo, C)[0]
+    gather = cc * ops._offset_rows(geo, cc) * geo.m2
+    elements = (2 * cc * (geo.m1 + q) * ts * (geo.m2 + q) * ts  # fold buffers
+                + 3 * gather  # gather, alpha, beta
+                + 2 * geo.num_keys * cc * ps * ps  # key pixels by offset
+                + cc * ((geo.n1 - 1) * ts + ps) * ((geo.n2 - 1) * ts + ps))  # padded source
     hr = s * s * H * W
     if feat.dtype not in (torch.float32, torch.float64):
         elements += cc * H * W + (B * C * hr if logits is not None else B * k * C * hr)
@@ -145,16 +146,15 @@ def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: in
 def edge_workspace(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: int,
                    patch: int, stride: int) -> int:
     """Bytes the CPU backend of edge_features allocates besides its output: the query and
-    son patch vectors, three chunk-sized temporaries (gathered neighbours, differences,
-    their absolute values) and the chunks' results before they are joined."""
+    son patch vectors (the son's twice: unfolded and laid out by rows), and one chunk of
+    gathered neighbours."""
     B, E = ye.shape[:2]
     k = idx.shape[2]
     geo = graph_geometry(ye.shape[2], ye.shape[3], scale, patch, stride)
     P = patch * patch
-    step = max(1, ops._CHUNK_ELEMENTS // max(1, B * E * P * k))
-    chunk = B * E * P * min(step, geo.num_queries) * k
-    elements = (B * E * P * (geo.num_queries + geo.num_keys)  # patch vectors
-                + 3 * chunk + B * geo.num_queries * k * E)  # chunk temporaries, results
+    step = max(1, ops._GATHER_ELEMENTS // max(1, E * P * k))
+    elements = (B * E * P * (geo.num_queries + 2 * geo.num_keys)  # patch vectors
+                + min(step, geo.num_queries) * k * P * E)  # gathered neighbours
     return elements * (8 if ye.dtype == torch.float64 else 4)
 
 

@@ -127,30 +127,34 @@ class GraphAggregation(nn.Module):
         return fn(*args)
 
     def _rank_logits(self, diff_r: torch.Tensor, lr_hw: tuple[int, int], dtype: torch.dtype):
-        """One rank's edge maps and ECN logits: diff_r (B, M, 1, E) -> (B, 1, sH, sW),
-        (B, 1, H, W)."""
-        s, p, t = self.scale, self.patch, self.stride
+        """One rank's ECN logits, HR and LR, both (B, 1, H, W): diff_r (B, M, 1, E). The HR
+        edge map D_hr is the LR one upsampled s times (ops.edge_maps) and the ECN is
+        pointwise, so its HR logits are computed once per LR pixel and upsampled later."""
         with stage("ignn/edges"):
-            edges_hr = ops.fold_edges(diff_r, lr_hw, s, p, t)[:, 0].to(dtype)  # (B, E, sH, sW)
-            edges_lr = F.avg_pool2d(edges_hr, s)  # (B, E, H, W)
+            edges = ops.edge_maps(diff_r, lr_hw, self.patch, self.stride)[:, 0].to(dtype)
         with stage("ignn/ecn") as st:
-            return st.outputs(_banded(self.weightnet_hr, edges_hr),
-                              _banded(self.weightnet_lr, edges_lr))
+            return st.outputs(_banded(self.weightnet_hr, edges), _banded(self.weightnet_lr, edges))
 
-    def _rank_den(self, feat, idx_r, query, key, w_r):
-        """One rank's weighted DEN output w_r * DEN(knn_hr[r]) (B, C, H, W); knn_hr[r]
-        (B, C, sH, sW) lives only inside."""
-        s, p, t = self.scale, self.patch, self.stride
+    def _aggregate_rank(self, feat, idx_r, query, key) -> torch.Tensor:
+        """One rank's knn_hr (B, C, sH, sW)."""
         with stage("ignn/aggregate") as st:
             inputs = st.inputs(feat, idx_r, query, key)
-            knn_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t)[:, 0])
+            return st.outputs(ops.patch_aggregate(*inputs, self.scale, self.patch,
+                                                  self.stride)[:, 0])
+
+    def _den(self, knn_hr: torch.Tensor, w_r: torch.Tensor) -> torch.Tensor:
+        """w_r * DEN(knn_hr): one rank's weighted LR contribution (B, C, H, W)."""
         with stage("ignn/den") as st:
             w_r, knn_hr = st.inputs(w_r, knn_hr)
             return st.outputs(w_r.to(knn_hr.dtype) * self.knn_downsample(knn_hr))
 
+    def _rank_den(self, feat, idx_r, query, key, w_r):
+        """One rank's weighted DEN output (B, C, H, W); its knn_hr lives only inside."""
+        return self._den(self._aggregate_rank(feat, idx_r, query, key), w_r)
+
     def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
         s, p, t = self.scale, self.patch, self.stride
-        H, W = feat.shape[-2:]  # feat (B, C, H, W)
+        B, C, H, W = feat.shape
         with stage("ignn/knn"):
             _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
         with stage("ignn/edges"):
@@ -161,7 +165,7 @@ class GraphAggregation(nn.Module):
                                         feat.dtype))
         del diff
         with stage("ignn/ecn") as st:
-            logits_hr = torch.cat([hr for hr, _ in ranks], 1)  # (B, k, sH, sW)
+            logits_hr = torch.cat([hr for hr, _ in ranks], 1)  # (B, k, H, W), per s x s HR block
             w_lr = torch.softmax(torch.cat([lr for _, lr in ranks], 1).float(), 1)  # (B, k, H, W)
             logits_hr, w_lr = st.outputs(logits_hr, w_lr)
         del ranks
@@ -170,6 +174,10 @@ class GraphAggregation(nn.Module):
             query = ops.query_stats(feat_in, p, t)  # (B, C, M) each
             key = ops.key_stats(feat_in, s, p, t)  # (B, C, N) each
             query, key = st.outputs(query, key)
+        logits_hr = F.interpolate(logits_hr, scale_factor=s, mode="nearest")  # (B, k, sH, sW)
+        if (feat.device.type == "cpu" and not torch.is_grad_enabled()
+                and feat.dtype in (torch.float32, torch.float64)):
+            return self._ranks_once(feat, idx, query, key, logits_hr, w_lr)
         with stage("ignn/aggregate") as st:
             *inputs, logits_hr = st.inputs(feat, idx, query, key, logits_hr)
             x1_hr = st.outputs(ops.patch_aggregate(*inputs, s, p, t, logits=logits_hr))
@@ -177,4 +185,22 @@ class GraphAggregation(nn.Module):
         for r in range(self.k):  # one rank at a time: the DEN input is (B, C, sH, sW)
             x1_lr = x1_lr + self._per_rank(self._rank_den, feat, idx[:, :, r:r + 1], query,
                                            key, w_lr[:, r:r + 1])
+        return x1_lr, x1_hr
+
+    def _ranks_once(self, feat, idx, query, key, logits_hr, w_lr):
+        """(x1_lr, x1_hr) with each rank's knn_hr aggregated once and used twice: weighted
+        into x1_hr and through the DEN into x1_lr. For CPU inference in fp32 / fp64: half
+        the aggregation work of the fused x1_hr op plus the DEN's own aggregations, the same
+        sums in the same rank order (bit-identical to it). Elsewhere the fused op keeps
+        training memory free of knn_hr, accumulates 16-bit F's ranks unrounded, and is the
+        GPU path measured on a GPU."""
+        w_hr = torch.softmax(logits_hr.to(feat.dtype), 1)  # (B, k, sH, sW), as the fused op
+        x1_hr = feat.new_zeros(*feat.shape[:2], *logits_hr.shape[2:])  # (B, C, sH, sW)
+        x1_lr = 0
+        for r in range(self.k):
+            knn_hr = self._aggregate_rank(feat, idx[:, :, r:r + 1], query, key)
+            with stage("ignn/aggregate"):
+                x1_hr.addcmul_(knn_hr, w_hr[:, r:r + 1])
+            x1_lr = x1_lr + self._den(knn_hr, w_lr[:, r:r + 1])
+            del knn_hr
         return x1_lr, x1_hr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import kernels
 from .geometry import GraphGeometry, graph_geometry, window_start
@@ -26,6 +27,7 @@ EPS = 1e-5  # added to the unbiased variance in AdaPN
 # Bound on the elements of one temporary of the torch path (about 256 MB in fp64).
 _CHUNK_ELEMENTS = 1 << 25
 _GATHER_ELEMENTS = 1 << 20  # a gathered chunk of the CPU aggregation: 4 MiB in fp32, cache-sized
+_KNN_TILE = 32  # queries a side of a tile of the CPU k-NN search
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -119,20 +121,13 @@ def _key_grid(geo: GraphGeometry) -> tuple[int, int, int, int, int, int]:
             geo.n1, geo.n2)
 
 
-def _window_candidates(geo: GraphGeometry, rows: range, device):
-    """The wh*ww candidates of every query in query rows `rows`: son indices relative to
-    the first son row those windows touch, (len(rows) * m2, wh * ww) int64, plus the
-    range of son rows [first, last) they touch."""
-    i = torch.arange(rows.start, rows.stop, device=device)
-    j = torch.arange(geo.m2, device=device)
-    ci = (i // geo.scale - geo.window_h // 2).clamp(0, geo.n1 - geo.window_h)  # (rows,)
-    cj = (j // geo.scale - geo.window_w // 2).clamp(0, geo.n2 - geo.window_w)  # (m2,)
-    first = window_start(rows.start, geo.scale, geo.window_h, geo.n1)
-    last = window_start(rows.stop - 1, geo.scale, geo.window_h, geo.n1) + geo.window_h
-    a = ci[:, None] - first + torch.arange(geo.window_h, device=device)  # (rows, wh)
-    b = cj[:, None] + torch.arange(geo.window_w, device=device)  # (m2, ww)
-    n = a[:, None, :, None] * geo.n2 + b[None, :, None, :]  # (rows, m2, wh, ww)
-    return n.reshape(len(rows) * geo.m2, geo.num_candidates), first, last
+def _window_axis(geo: GraphGeometry, axis: int, first: int, last: int):
+    """Along one axis (0: rows, 1: columns), for the queries first .. last - 1: their
+    windows' first son rows (or columns) as a list, and the son range [lo, hi) that those
+    windows cover together (starts never decrease)."""
+    window, count = (geo.window_h, geo.n1) if axis == 0 else (geo.window_w, geo.n2)
+    starts = [window_start(i, geo.scale, window, count) for i in range(first, last)]
+    return starts, starts[0], starts[-1] + window
 
 
 # --------------------------------------------------------------------------- matching
@@ -153,28 +148,81 @@ def _(ye, xe, k, scale, window, patch, stride):
 
 
 def _patch_knn_torch(ye: torch.Tensor, xe: torch.Tensor, k: int, geo: GraphGeometry):
-    """Query rows in chunks: distances to the son rows their windows touch, then the
-    wh*ww in-window candidates per query, then a stable sort (ties to the smaller n,
-    NaN last). Temporaries are O(chunk * wh * ww)."""
+    """Square tiles of _KNN_TILE x _KNN_TILE queries: one matmul gives their distances
+    (|q|^2 + |key|^2 - 2 q.key) to the son patches of the rectangle their windows cover
+    together, each query's wh x ww window is gathered from it, and its k nearest are
+    selected by _k_smallest (ties to the smaller n, NaN last). Patch vectors are unfolded
+    a row of tiles at a time: temporaries are O(tile * width * (window + tile)), never
+    O(M)."""
     work = _work_dtype(ye)
-    B = ye.shape[0]
-    q = _query_patches(ye.to(work), geo).flatten(1, 2)  # (B, D, M)
-    key = _son_patches(xe.to(work), geo).flatten(1, 2)  # (B, D, N)
-    q_norm, key_norm = (q * q).sum(1), (key * key).sum(1)  # (B, M), (B, N)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * geo.m2 * (geo.window_h + 1) * geo.n2))
-    dist, idx = [], []
-    for start in range(0, geo.m1, rows_per_chunk):
-        rows = range(start, min(geo.m1, start + rows_per_chunk))
-        cand, first, last = _window_candidates(geo, rows, ye.device)  # (Mc, wh*ww)
-        keys = slice(first * geo.n2, last * geo.n2)
-        queries = slice(rows.start * geo.m2, rows.stop * geo.m2)
-        d = (q_norm[:, queries, None] + key_norm[:, None, keys]
-             - 2 * q[:, :, queries].transpose(1, 2) @ key[:, :, keys])  # (B, Mc, Nc)
-        d = torch.gather(d, 2, cand.expand(B, -1, -1))  # (B, Mc, wh*ww)
-        d_sorted, order = torch.sort(d, dim=2, stable=True)
-        dist.append(d_sorted[..., :k])
-        idx.append(torch.gather(cand.expand(B, -1, -1), 2, order[..., :k]) + first * geo.n2)
-    return torch.cat(dist, 1).float(), torch.cat(idx, 1)
+    B, dev = ye.shape[0], ye.device
+    p, t, wh, ww = geo.patch, geo.stride, geo.window_h, geo.window_w
+    q_map = _pad_to_grid(ye.to(work), p, t, geo.query_h.pad_before, geo.query_w.pad_before,
+                         geo.m1, geo.m2)
+    key_map = _pad_to_grid(xe.to(work), p, t, geo.son_h.pad_before, geo.son_w.pad_before,
+                           geo.n1, geo.n2)
+    q_norm, key_norm = _patch_sqnorms(q_map, p, t), _patch_sqnorms(key_map, p, t)
+    dist = torch.empty(B, geo.m1, geo.m2, k, dtype=torch.float32, device=dev)
+    idx = torch.empty(B, geo.m1, geo.m2, k, dtype=torch.int64, device=dev)
+    for i0 in range(0, geo.m1, _KNN_TILE):
+        i1 = min(geo.m1, i0 + _KNN_TILE)
+        row_starts, r0, r1 = _window_axis(geo, 0, i0, i1)
+        rows = torch.tensor(row_starts, device=dev)[:, None] + torch.arange(wh, device=dev)
+        q_rows = _grid_rows(q_map, p, t, i0, i1)  # (B, D, i1 - i0, m2)
+        key_rows = _grid_rows(key_map, p, t, r0, r1)  # (B, D, r1 - r0, n2)
+        for j0 in range(0, geo.m2, _KNN_TILE):
+            j1 = min(geo.m2, j0 + _KNN_TILE)
+            col_starts, c0, c1 = _window_axis(geo, 1, j0, j1)
+            cols = torch.tensor(col_starts, device=dev)[:, None] + torch.arange(ww, device=dev)
+            q = q_rows[..., j0:j1].flatten(2)  # (B, D, Mt)
+            key = key_rows[..., c0:c1].flatten(2)  # (B, D, Nt)
+            norms = (q_norm[:, i0:i1, j0:j1].reshape(B, -1, 1)
+                     + key_norm[:, r0:r1, c0:c1].reshape(B, 1, -1))
+            d = torch.baddbmm(norms, q.transpose(1, 2), key, alpha=-2)  # (B, Mt, Nt)
+            # each query's window, row-major: n = row * n2 + col; in the tile, (row - r0, col - c0)
+            n = (rows[:, None, :, None] * geo.n2 + cols[None, :, None, :]).reshape(-1, wh * ww)
+            local = ((rows[:, None, :, None] - r0) * (c1 - c0)
+                     + cols[None, :, None, :] - c0).reshape(-1, wh * ww)
+            d, pos = _k_smallest(torch.gather(d, 2, local.expand(B, -1, -1)), k)
+            dist[:, i0:i1, j0:j1] = d.view(B, i1 - i0, j1 - j0, k)
+            idx[:, i0:i1, j0:j1] = torch.gather(n.expand(B, -1, -1), 2, pos).view(
+                B, i1 - i0, j1 - j0, k)
+    return dist.view(B, geo.num_queries, k), idx.view(B, geo.num_queries, k)
+
+
+def _patch_sqnorms(padded: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """(B, grid_h, grid_w): the squared norm of every patch vector of a map padded to its
+    grid, as a sum-pooling of the pixels' squared norms."""
+    box = padded.new_ones(1, 1, patch, patch)
+    return F.conv2d(padded.square().sum(1, keepdim=True), box, stride=stride)[:, 0]
+
+
+def _grid_rows(padded: torch.Tensor, patch: int, stride: int, r0: int, r1: int) -> torch.Tensor:
+    """(B, C * patch^2, r1 - r0, grid_w): the patch vectors of grid rows r0 .. r1 - 1 of a map
+    padded to its grid."""
+    band = padded[:, :, r0 * stride: (r1 - 1) * stride + patch]
+    grid_w = (padded.shape[3] - patch) // stride + 1
+    return F.unfold(band, patch, stride=stride).view(band.shape[0], -1, r1 - r0, grid_w)
+
+
+def _k_smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, positions) of the k smallest entries of each row of d (..., L), ascending,
+    ties to the smaller position, NaN after every number: the first k columns of a stable
+    sort, from two top-k selections (a sort of IGNN's 900 candidates costs about 20x more).
+    The k-th smallest value v splits a row: every entry below v is chosen, then entries
+    equal to v by position. Rows with fewer than k numbers (v is NaN) are sorted."""
+    L = d.shape[-1]
+    kth = torch.topk(d, k, dim=-1, largest=False).values[..., -1:]  # NaN ranks last in topk
+    position = torch.arange(L, device=d.device)
+    order = torch.where(d < kth, position, torch.where(d == kth, position + L, 2 * L))
+    pos = torch.topk(order, k, dim=-1, largest=False).values.remainder_(L)  # by position
+    values, by_value = torch.sort(torch.gather(d, -1, pos), dim=-1, stable=True)
+    pos = torch.gather(pos, -1, by_value)
+    short = torch.isnan(kth[..., 0])
+    if not is_fake(d) and short.any():  # a memory estimate's fake tensors hold no values
+        sorted_d, sorted_pos = torch.sort(d[short], dim=-1, stable=True)
+        values[short], pos[short] = sorted_d[..., :k], sorted_pos[..., :k]
+    return values.float(), pos
 
 
 def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int = 5, scale: int = 2, window: int = 30,
@@ -208,26 +256,27 @@ def _(ye, xe, idx, scale, patch, stride):
 
 
 def _edge_features_torch(ye, xe, idx, geo: GraphGeometry) -> torch.Tensor:
+    """Patch vectors laid out (B, M | N, p*p, E), so that a chunk of queries' neighbours is
+    one index_select of whole rows and their differences reduce straight into the output
+    layout (B, M, k, E)."""
     work = _work_dtype(ye)
     idx, bad = _bad_idx(idx, geo.num_keys)
     B, E = ye.shape[:2]
     k = idx.shape[2]
-    q = _query_patches(ye.to(work), geo)  # (B, E, P, M)
-    key = _son_patches(xe.to(work), geo)  # (B, E, P, N)
-    P = q.shape[2]
-    step = max(1, _CHUNK_ELEMENTS // max(1, B * E * P * k))
-    out = []
-    for start in range(0, geo.num_queries, step):
-        m = slice(start, start + step)
-        n = idx[:, m]  # (B, Mc, k)
-        Mc = n.shape[1]
-        neighbours = torch.gather(key, 3, n.reshape(B, 1, 1, Mc * k).expand(B, E, P, Mc * k))
-        d = (q[:, :, :, m, None] - neighbours.view(B, E, P, Mc, k)).abs().sum(2)  # (B, E, Mc, k)
-        out.append(d.permute(0, 2, 3, 1))
-    out = torch.cat(out, 1)
+    q = _query_patches(ye.to(work), geo).permute(0, 3, 2, 1)  # (B, M, P, E), a view
+    key = _son_patches(xe.to(work), geo).permute(0, 3, 2, 1).contiguous()  # (B, N, P, E)
+    P = key.shape[2]
+    out = torch.empty(B, geo.num_queries, k, E, dtype=work, device=ye.device)
+    step = max(1, _GATHER_ELEMENTS // max(1, E * P * k))
+    for b in range(B):
+        for start in range(0, geo.num_queries, step):
+            m = slice(start, start + step)
+            n = idx[b, m]  # (Mc, k)
+            neighbours = key[b].index_select(0, n.flatten()).view(*n.shape, P, E)
+            torch.sum(neighbours.sub_(q[b, m, None]).abs_(), 2, out=out[b, m])
     if bad is not None:
         out.masked_fill_(bad[..., None], float("nan"))
-    return out.to(ye.dtype).contiguous()
+    return out.to(ye.dtype)
 
 
 def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: int = 2,
@@ -243,14 +292,14 @@ def edge_features(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: 
 
 # --------------------------------------------------------------------------- folding
 
-def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """values (B, D, m1, m2), constant over each query's HR patch -> overlap-averaged HR map
-    (B, D, sH, sW); no per-patch copy is made. GPUs and torch.compile: a transposed box
-    convolution (cuDNN; inductor takes many minutes over the strided adds); eager CPU:
-    ceil(ps / ts)^2 broadcast adds into the phase layout (_fold_rows_), about 4x faster
-    there than the convolution (measured: E = 64, LR 128x128)."""
+def _fold_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
+    """values (B, D, m1, m2), constant over each query's patch at the geometry's scale s ->
+    overlap-averaged map (B, D, sH, sW); no per-patch copy is made. GPUs and torch.compile:
+    a transposed box convolution (cuDNN; inductor takes many minutes over the strided adds);
+    eager CPU: ceil(ps / ts)^2 broadcast adds into the phase layout (_fold_rows_), about 4x
+    faster there than the convolution (measured: E = 64, LR 128x128)."""
     if values.device.type != "cpu" or torch.compiler.is_compiling():
-        return _fold_hr_constant_conv(values, geo)
+        return _fold_constant_conv(values, geo)
     B, D, m1, m2 = values.shape
     ps, ts = geo.hr_patch, geo.hr_stride
     q, crop, count = _hr_crop(geo, values)
@@ -263,8 +312,8 @@ def _fold_hr_constant(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _fold_hr_constant_conv(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
-    """_fold_hr_constant as a transposed box convolution (the GPU and compiled path)."""
+def _fold_constant_conv(values: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
+    """_fold_constant as a transposed box convolution (the GPU and compiled path)."""
     B, D = values.shape[:2]
     box = values.new_ones(1, 1, geo.hr_patch, geo.hr_patch)
     total = F.conv_transpose2d(values.reshape(B * D, 1, geo.m1, geo.m2), box, stride=geo.hr_stride)
@@ -275,17 +324,31 @@ def _fold_hr_constant_conv(values: torch.Tensor, geo: GraphGeometry) -> torch.Te
     return out[..., top: top + s * geo.query_h.size, left: left + s * geo.query_w.size]
 
 
-def fold_edges(diff: torch.Tensor, lr_hw: tuple[int, int], scale: int = 2, patch: int = 3,
-               stride: int = 2) -> torch.Tensor:
-    """D_hr (B, k, E, sH, sW): every query's edge features spread over its HR patch with
-    overlap averaging (spec section 4). Detached."""
-    geo = graph_geometry(lr_hw[0], lr_hw[1], scale, patch, stride)
+def edge_maps(diff: torch.Tensor, lr_hw: tuple[int, int], patch: int = 3,
+              stride: int = 2) -> torch.Tensor:
+    """D_lr (B, k, E, H, W): every query's edge features spread over its LR patch with
+    overlap averaging. Detached. It is the spec's D_lr = avg_pool(D_hr, s) (up to rounding)
+    and D_hr is it upsampled s times (nearest): the HR patch of query i covers HR rows
+    [s t i, s (t i + p)), the s-row groups of its LR rows, so an HR pixel is covered by
+    exactly the queries whose LR patches cover its LR pixel (fold_edges)."""
+    geo = graph_geometry(lr_hw[0], lr_hw[1], 1, patch, stride)
     if diff.dim() != 4 or diff.shape[1] != geo.num_queries:
         raise ValueError(f"diff must be (B, M, k, E) with M = {geo.num_queries}; "
                          f"got {tuple(diff.shape)}")
     B, M, k, E = diff.shape
     grid = diff.detach().permute(0, 2, 3, 1).reshape(B, k * E, geo.m1, geo.m2)
-    return _fold_hr_constant(grid, geo).reshape(B, k, E, scale * lr_hw[0], scale * lr_hw[1])
+    return _fold_constant(grid, geo).view(B, k, E, *lr_hw)
+
+
+def fold_edges(diff: torch.Tensor, lr_hw: tuple[int, int], scale: int = 2, patch: int = 3,
+               stride: int = 2) -> torch.Tensor:
+    """D_hr (B, k, E, sH, sW): every query's edge features spread over its HR patch with
+    overlap averaging (spec section 4): edge_maps upsampled s times. Detached."""
+    graph_geometry(lr_hw[0], lr_hw[1], scale, patch, stride)  # the HR grid exists
+    d_lr = edge_maps(diff, lr_hw, patch, stride)
+    B, k, E, H, W = d_lr.shape
+    d_hr = F.interpolate(d_lr.view(B, k * E, H, W), scale_factor=scale, mode="nearest")
+    return d_hr.view(B, k, E, scale * H, scale * W)
 
 
 # --------------------------------------------------------------------------- AdaPN
@@ -445,50 +508,93 @@ def _cpu_chunk_items(feat, stats, geo: GraphGeometry, cc: int):
                    [v[b, :, c].contiguous() for v in views])
 
 
+def _key_offsets(feat_c: torch.Tensor, geo: GraphGeometry) -> torch.Tensor:
+    """(ps^2, Cc, N): for every offset (u, v) inside a key block, the pixel of F (Cc, H, W)
+    at that offset in every son patch's block, contiguous (one copy out of a strided view
+    of the padded map), so that the neighbours' pixels at one offset are one index_select."""
+    patch, stride, _, _, grid_h, grid_w = grid = _key_grid(geo)
+    Cc = feat_c.shape[0]
+    padded = _pad_to_grid(feat_c, *grid)
+    Hp, Wp = padded.shape[1:]
+    view = padded.as_strided((patch, patch, Cc, grid_h, grid_w),
+                             (Wp, 1, Hp * Wp, stride * Wp, stride), padded.storage_offset())
+    return view.reshape(patch * patch, Cc, grid_h * grid_w)
+
+
+def _offset_rows(geo: GraphGeometry, cc: int) -> int:
+    """Query rows per step of the CPU aggregation's forward: one offset's gathered pixels
+    (cc, rows * m2) stay under a quarter of _GATHER_ELEMENTS (cache-sized)."""
+    return max(1, min(geo.m1, _GATHER_ELEMENTS // 4 // max(1, geo.m2 * cc)))
+
+
 def _aggregate_torch(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
-    """Per (item, channel chunk, rank): gather the neighbours' key blocks a few query rows at
-    a time (index_select of whole rows), normalise them in place and fold them into one
-    reused padded HR buffer; never the (B, M, 9*C*s^2, k) gathered tensor. Large temporaries
-    are allocated once per call and reused: on CPU a fresh one costs its page faults, about
-    as much as the arithmetic."""
+    """Per (item, channel chunk, rank, a few query rows) and per offset (u, v) of the key
+    blocks: gather the neighbours' pixels at that offset (index_select of (Cc, N) rows),
+    normalise them (one addcmul) and add them, a contiguous (Cc, rows, m2) slab, into one
+    reused polyphase HR buffer (Cc, ts, ts, m1 + Q, m2 + Q); never the (B, M, 9*C*s^2, k)
+    gathered tensor. The offsets run in the order of _fold_rows_' phases, so every HR pixel
+    sums the same terms in the same order. Large temporaries are allocated once per call
+    and reused: on CPU a fresh one costs its page faults, about as much as the arithmetic."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
     idx, bad = _bad_idx(idx, geo.num_keys)
     s, ps, ts, m1, m2 = geo.scale, geo.hr_patch, geo.hr_stride, geo.m1, geo.m2
     work = stats[0].dtype
     q, crop, count = _hr_crop(geo, stats[0])
-    cc, rows = _cpu_chunks(geo, C)
+    cc = _cpu_chunks(geo, C)[0]
+    rows = _offset_rows(geo, cc)
+    poly = torch.empty(cc, ts, ts, m1 + q, m2 + q, dtype=work, device=feat.device)
     hr = torch.empty(cc, m1 + q, ts, m2 + q, ts, dtype=work, device=feat.device)
-    gathered = torch.empty(rows * m2 * cc * ps * ps, dtype=work, device=feat.device)
+    gathered = torch.empty(cc * rows * m2, dtype=work, device=feat.device)
     if logits is None:
         out = torch.empty(B, k, C, s * H, s * W, dtype=work, device=feat.device)
     else:
         out = torch.zeros(B, C, s * H, s * W, dtype=work, device=feat.device)
         weights = torch.softmax(logits.to(work), dim=1)
         knn = torch.empty(cc, s * H, s * W, dtype=work, device=feat.device)
-    for b, c, blocks, (qm, qs, km, ks) in _cpu_chunk_items(feat, stats, geo, cc):
-        width = c.stop - c.start  # blocks (N, width, ps^2); qm, qs (M, width); km, ks (N, width)
-        fold = hr[:width]
-        for r in range(k):
-            fold.zero_()
-            for i0 in range(0, m1, rows):
-                i1 = min(m1, i0 + rows)
-                m = slice(i0 * m2, i1 * m2)
-                n = idx[b, m, r]
-                z = gathered[: n.numel() * width * ps * ps].view(n.numel(), width, ps * ps)
-                torch.index_select(blocks, 0, n, out=z)
-                alpha = qs[m] / ks[n]  # (rows * m2, width)
-                if bad is not None:
-                    alpha.masked_fill_(bad[b, m, r, None], float("nan"))
-                beta = qm[m] - km[n] * alpha
-                z.mul_(alpha[:, :, None]).add_(beta[:, :, None])
-                _fold_rows_(fold, z.view(i1 - i0, m2, width, ps, ps), i0, geo)
-            total = fold.view(width, (m1 + q) * ts, (m2 + q) * ts)[crop]
-            if logits is None:
-                torch.div(total, count, out=out[b, r, c])
-            else:
-                out[b, c].addcmul_(torch.div(total, count, out=knn[:width]), weights[b, r])
+    for b in range(B):
+        for c0 in range(0, C, cc):
+            c = slice(c0, min(C, c0 + cc))
+            width = c.stop - c.start
+            offsets = _key_offsets(feat[b, c].to(work), geo)  # (ps^2, width, N)
+            qm, qs, km, ks = (t[b, c] for t in stats)  # (width, M | N)
+            fold = poly[:width]
+            for r in range(k):
+                fold.zero_()
+                for i0 in range(0, m1, rows):
+                    i1 = min(m1, i0 + rows)
+                    m = slice(i0 * m2, i1 * m2)
+                    n = idx[b, m, r]
+                    alpha = qs[:, m] / ks[:, n]  # (width, rows * m2)
+                    if bad is not None:
+                        alpha.masked_fill_(bad[b, m, r], float("nan"))
+                    beta = qm[:, m] - km[:, n] * alpha
+                    z = gathered[: width * n.numel()].view(width, n.numel())
+                    for (u, v), dst in _offset_phases(geo, i0, i1 - i0):
+                        torch.index_select(offsets[u * ps + v], 1, n, out=z)
+                        torch.addcmul(beta, z, alpha, out=z)
+                        fold[dst] += z.view(width, i1 - i0, m2)
+                hr[:width].copy_(fold.permute(0, 3, 1, 4, 2))
+                total = hr[:width].view(width, (m1 + q) * ts, (m2 + q) * ts)[crop]
+                if logits is None:
+                    torch.div(total, count, out=out[b, r, c])
+                else:
+                    out[b, c].addcmul_(torch.div(total, count, out=knn[:width]), weights[b, r])
     return out.to(feat.dtype)
+
+
+def _offset_phases(geo: GraphGeometry, i0: int, rows: int):
+    """Pairs ((u, v), polyphase index) for every offset of a (ps, ps) block, in the order of
+    _phases (phase, then offset within it): offset (u, v) of the blocks of query rows
+    i0 .. i0 + rows lands at (Cc, rows, m2) positions of the polyphase HR layout (Cc, ts, ts,
+    m1 + Q, m2 + Q), padded HR pixel (ts I + a, ts J + b) at [:, a, b, I, J]."""
+    ts = geo.hr_stride
+    for (us, vs), _ in _phases(geo, i0, rows, geo.m2):
+        for u in range(us.start, us.stop):
+            for v in range(vs.start, vs.stop):
+                yield (u, v), (slice(None), u % ts, v % ts,
+                               slice(i0 + u // ts, i0 + u // ts + rows),
+                               slice(v // ts, v // ts + geo.m2))
 
 
 @torch.library.custom_op("ignn::patch_aggregate", mutates_args=())

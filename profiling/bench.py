@@ -2,6 +2,7 @@
 
     python profiling/bench.py              # CUDA: the shapes; CPU: smaller ones
     python profiling/bench.py --smoke      # tiny shapes, a few seconds (CI runs this)
+    python profiling/bench.py --only model --model-shape 64 16 128 256   # IGNN vs EDSR
 
 For each workload it measures, side by side in one run, ours (ignn_triton.ops / modules),
 reference/ and torch.compile(reference): median time (triton.testing.do_bench on CUDA,
@@ -332,6 +333,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile(reference) columns")
     parser.add_argument("--render", type=Path, help="only rewrite the .md of a results .json")
+    parser.add_argument("--model-shape", type=int, nargs="+", metavar="N",
+                        help="the model workload's width, blocks and LR sizes: C BLOCKS SIZE "
+                             "[SIZE ...] (square inputs)")
     args = parser.parse_args(argv)
     if args.render:
         args.render.with_suffix(".md").write_text(render_markdown(json.loads(args.render.read_text())))
@@ -362,6 +366,11 @@ def main(argv=None) -> int:
     if "ga" in wanted:
         for case in shapes["ga"]:
             bench_graph_aggregation(b, *case)
+    if args.model_shape:
+        if len(args.model_shape) < 3:
+            parser.error("--model-shape needs C BLOCKS SIZE [SIZE ...]")
+        C, blocks, *sides = args.model_shape
+        shapes["model"] = (C, blocks, [(n, n) for n in sides])
     if "model" in wanted:
         C, blocks, sizes = shapes["model"]
         bench_model(b, C, blocks, sizes)

@@ -35,12 +35,13 @@ print(peak, estimate_memory(model, h, w))
 """
 
 
-@pytest.mark.parametrize("h, w", [(192, 256), (160, 224)])
+@pytest.mark.parametrize("h, w", [(256, 256), (160, 224)])
 def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(h, w):
     """The built-in x4 model in a fresh process: peak RSS above what the model and input
-    hold, against the prediction (measured here: 192x256 +9-11%, 160x224 +8-9%, 512x512
-    -2%). Not at 128x128 and below, where the runtime's own allocations (about 130 MiB,
-    varying by +-60 MiB from run to run) dominate the peak."""
+    hold, against the prediction (measured here, two runs each: 160x224 -8/-9%, 256x256
+    -6/-7%, 384x384 +16%, 512x512 +9/+11%; 192x256 gave 0% and -22%). Not at 128x128 and
+    below, where the runtime's own allocations (about 130 MiB, varying by +-60 MiB from run
+    to run) dominate the peak."""
     out = subprocess.run([sys.executable, "-c", MEASURE, str(h), str(w)], capture_output=True,
                          text=True, check=True).stdout.split()
     measured, predicted = int(out[0]), int(out[1])

@@ -2,6 +2,7 @@
 paths must agree beyond the reference: out-of-range indices, deterministic mode."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import ignn_triton.reference as R
@@ -46,8 +47,11 @@ def test_patch_knn_and_edges_match_reference(case):
     assert torch.equal(idx, ref_idx)  # float64 distances: no near-ties on random data
     diff = ops.edge_features(ye, xe, idx, s)
     torch.testing.assert_close(diff, R.edge_features(ye, xe, idx), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ops.fold_edges(diff, (H, W), s),
-                               R.fold_edges(diff, (H, W), s), rtol=1e-12, atol=1e-12)
+    d_hr = R.fold_edges(diff, (H, W), s)
+    torch.testing.assert_close(ops.fold_edges(diff, (H, W), s), d_hr, rtol=1e-12, atol=1e-12)
+    # the LR edge maps the model uses: the spec's avg_pool(D_hr, s)
+    d_lr = F.avg_pool2d(d_hr.flatten(0, 1), s).view(B, k, E, H, W)
+    torch.testing.assert_close(ops.edge_maps(diff, (H, W)), d_lr, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
@@ -120,15 +124,37 @@ def test_aggregate_chunks_match_reference(monkeypatch, s, gather_rows):
             torch.testing.assert_close(l1.grad, l2.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_knn_chunks_give_the_unchunked_result(monkeypatch):
+def test_knn_tiles_give_the_untiled_result(monkeypatch):
     ye, xe, _ = _inputs(1, 3, 30, 26, 2, 5)
     whole = ops.patch_knn(ye, xe, 4, 2, 4)
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 1)  # one query row and one query per chunk
-    chunked = ops.patch_knn(ye, xe, 4, 2, 4)
-    assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+    monkeypatch.setattr(ops, "_KNN_TILE", 1)  # one query per tile
+    tiled = ops.patch_knn(ye, xe, 4, 2, 4)
+    assert torch.equal(whole[1], tiled[1])
+    torch.testing.assert_close(whole[0], tiled[0], rtol=1e-6, atol=1e-6)  # matmul blocking
     _, idx = whole
     torch.testing.assert_close(ops.edge_features(ye, xe, idx, 2), R.edge_features(ye, xe, idx),
                                rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2 ** 16),
+       st.sampled_from(["ties", "nan", "inf", "mixed"]))
+def test_k_smallest_is_a_stable_sort(k, length, seed, kind):
+    """The two top-k selections of the CPU k-NN choose and order what a stable sort does:
+    ties to the smaller position, NaN last, rows with fewer than k numbers included."""
+    k = min(k, length)
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(0, 4, (7, length), generator=g).double()  # many ties
+    mask = torch.rand(7, length, generator=g) < 0.3
+    if kind in ("nan", "mixed"):
+        d[mask] = float("nan")
+    if kind in ("inf", "mixed"):
+        d[torch.rand(7, length, generator=g) < 0.2] = float("inf")
+    d[0] = float("nan")  # a row without numbers
+    values, pos = ops._k_smallest(d, k)
+    want_values, want_pos = torch.sort(d, dim=-1, stable=True)
+    assert torch.equal(pos, want_pos[:, :k])
+    torch.testing.assert_close(values, want_values[:, :k].float(), equal_nan=True)
 
 
 def test_nan_embedding_ranks_last_and_stays_in_window():
@@ -268,9 +294,9 @@ def test_deterministic_algorithms_take_the_torch_backward(monkeypatch):
 
 @pytest.mark.parametrize("s, H, W", [(2, 18, 10), (3, 21, 27), (2, 8, 14)])
 def test_fold_edges_cpu_equals_the_cuda_formulation(s, H, W):
-    """fold_edges folds with strided broadcast adds on the CPU and with a transposed box
-    convolution on CUDA: the same map (both run here, on CPU tensors)."""
+    """Constant patches fold with strided broadcast adds on the CPU and with a transposed
+    box convolution on CUDA: the same map (both run here, on CPU tensors)."""
     geo = graph_geometry(H, W, s)
     values = torch.randn(2, 5, geo.m1, geo.m2, dtype=torch.float64)
-    torch.testing.assert_close(ops._fold_hr_constant(values, geo),
-                               ops._fold_hr_constant_conv(values, geo), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops._fold_constant(values, geo),
+                               ops._fold_constant_conv(values, geo), rtol=1e-12, atol=1e-12)
