@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import modules, ops
+from . import modules, ops, torch_backend
 from .geometry import graph_geometry
 
 CUDA_BLOCK = 512  # the CUDA caching allocator's rounding
@@ -118,9 +118,9 @@ def _cpu_paths_visible():
 
 def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: int, patch: int,
                         stride: int) -> int:
-    """Bytes the CPU backend of patch_aggregate allocates besides its output, from the
-    chunking it uses (ops._cpu_chunks, ops._offset_rows): the padded HR fold buffer and its
-    polyphase twin, one offset's gather and its normalisation terms, a channel chunk's key
+    """Bytes the torch backend of patch_aggregate allocates besides its output, from the
+    chunking it uses (torch_backend.cpu_chunks and offset_rows): the padded HR fold buffer
+    and its polyphase twin, one offset's gather and its normalisation terms, a channel chunk's key
     pixels by offset (and the next chunk's, while it is made) and its padded source, the
     work-dtype copies of F and of the output when F is 16-bit, and with logits the softmax
     weights and one rank's HR map."""
@@ -128,10 +128,10 @@ def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: in
     k = idx.shape[2]
     geo = graph_geometry(H, W, scale, patch, stride)
     ps, ts, s = geo.hr_patch, geo.hr_stride, geo.scale
-    q = -(-ps // ts) - 1
-    cc = ops._cpu_chunks(geo, C)[0]
-    gather = cc * ops._offset_rows(geo, cc) * geo.m2
-    elements = (2 * cc * (geo.m1 + q) * ts * (geo.m2 + q) * ts  # fold buffers
+    extra = geo.slots - 1  # phase rows past the last query row
+    cc = torch_backend.cpu_chunks(geo, C)[0]
+    gather = cc * torch_backend.offset_rows(geo, cc) * geo.m2
+    elements = (2 * cc * (geo.m1 + extra) * ts * (geo.m2 + extra) * ts  # fold buffers
                 + 3 * gather  # gather, alpha, beta
                 + 2 * geo.num_keys * cc * ps * ps  # key pixels by offset
                 + cc * ((geo.n1 - 1) * ts + ps) * ((geo.n2 - 1) * ts + ps))  # padded source
@@ -145,14 +145,14 @@ def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: in
 
 def edge_workspace(ye: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, scale: int,
                    patch: int, stride: int) -> int:
-    """Bytes the CPU backend of edge_features allocates besides its output: the query and
+    """Bytes the torch backend of edge_features allocates besides its output: the query and
     son patch vectors (the son's twice: unfolded and laid out by rows), and one chunk of
     gathered neighbours."""
     B, E = ye.shape[:2]
     k = idx.shape[2]
     geo = graph_geometry(ye.shape[2], ye.shape[3], scale, patch, stride)
     P = patch * patch
-    step = max(1, ops._GATHER_ELEMENTS // max(1, E * P * k))
+    step = max(1, torch_backend.GATHER_ELEMENTS // max(1, E * P * k))
     elements = (B * E * P * (geo.num_queries + 2 * geo.num_keys)  # patch vectors
                 + min(step, geo.num_queries) * k * P * E)  # gathered neighbours
     return elements * (8 if ye.dtype == torch.float64 else 4)

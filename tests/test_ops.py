@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import ignn_triton.reference as R
-from ignn_triton import kernels, ops
+from ignn_triton import kernels, ops, torch_backend
 from ignn_triton.geometry import graph_geometry
 
 CUDA = torch.cuda.is_available()
@@ -103,9 +103,9 @@ def test_aggregate_chunks_match_reference(monkeypatch, s, gather_rows):
     assert geo.m1 % 2 == 1
     q = -(-geo.hr_patch // geo.hr_stride) - 1
     hr_area = (geo.m1 + q) * (geo.m2 + q) * geo.hr_stride ** 2
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 2 * max(geo.num_keys * geo.hr_patch ** 2, hr_area))
-    monkeypatch.setattr(ops, "_GATHER_ELEMENTS", gather_rows * geo.m2 * 2 * geo.hr_patch ** 2)
-    assert ops._cpu_chunks(geo, C) == (2, gather_rows)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 2 * max(geo.num_keys * geo.hr_patch ** 2, hr_area))
+    monkeypatch.setattr(torch_backend, "GATHER_ELEMENTS", gather_rows * geo.m2 * 2 * geo.hr_patch ** 2)
+    assert torch_backend.cpu_chunks(geo, C) == (2, gather_rows)
     logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
     for lg in (None, logits):  # knn_hr (B, k, C, sH, sW), then x1_hr (B, C, sH, sW)
         f1, f2 = feat.clone().requires_grad_(), feat.clone().requires_grad_()
@@ -127,7 +127,7 @@ def test_aggregate_chunks_match_reference(monkeypatch, s, gather_rows):
 def test_knn_tiles_give_the_untiled_result(monkeypatch):
     ye, xe, _ = _inputs(1, 3, 30, 26, 2, 5)
     whole = ops.patch_knn(ye, xe, 4, 2, 4)
-    monkeypatch.setattr(ops, "_KNN_TILE", 1)  # one query per tile
+    monkeypatch.setattr(torch_backend, "KNN_TILE", 1)  # one query per tile
     tiled = ops.patch_knn(ye, xe, 4, 2, 4)
     assert torch.equal(whole[1], tiled[1])
     torch.testing.assert_close(whole[0], tiled[0], rtol=1e-6, atol=1e-6)  # matmul blocking
@@ -151,7 +151,7 @@ def test_k_smallest_is_a_stable_sort(k, length, seed, kind):
     if kind in ("inf", "mixed"):
         d[torch.rand(7, length, generator=g) < 0.2] = float("inf")
     d[0] = float("nan")  # a row without numbers
-    values, pos = ops._k_smallest(d, k)
+    values, pos = torch_backend.k_smallest(d, k)
     want_values, want_pos = torch.sort(d, dim=-1, stable=True)
     assert torch.equal(pos, want_pos[:, :k])
     torch.testing.assert_close(values, want_values[:, :k].float(), equal_nan=True)
@@ -262,7 +262,7 @@ def test_deterministic_algorithms_take_the_torch_backward(monkeypatch):
     the same gradients to rounding, bit-identical from run to run; off, the kernel runs."""
     device = _kernel_path(monkeypatch)
     calls = []
-    for owner, name in ((kernels, "patch_aggregate_backward"), (ops, "_aggregate_backward_torch")):
+    for owner, name in ((kernels, "patch_aggregate_backward"), (torch_backend, "aggregate_backward")):
         def spy(*args, _fn=getattr(owner, name), _name=name, **kwargs):
             calls.append(_name)
             return _fn(*args, **kwargs)
@@ -286,7 +286,7 @@ def test_deterministic_algorithms_take_the_torch_backward(monkeypatch):
         first, second = gradients(), gradients()
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert calls[1:] == ["_aggregate_backward_torch"] * 2
+    assert calls[1:] == ["aggregate_backward"] * 2
     for a, b, k in zip(first, second, kernel_grads):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, k, rtol=1e-4, atol=1e-5)
@@ -298,5 +298,5 @@ def test_fold_edges_cpu_equals_the_cuda_formulation(s, H, W):
     box convolution on CUDA: the same map (both run here, on CPU tensors)."""
     geo = graph_geometry(H, W, s)
     values = torch.randn(2, 5, geo.m1, geo.m2, dtype=torch.float64)
-    torch.testing.assert_close(ops._fold_constant(values, geo),
-                               ops._fold_constant_conv(values, geo), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch_backend.fold_constant(values, geo),
+                               torch_backend.fold_constant_conv(values, geo), rtol=1e-12, atol=1e-12)
