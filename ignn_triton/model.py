@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .imresize import imresize
 from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGEmbedding, conv,
                       conv_block)
-from .profiling import stage
+from .profiling import name_stages
 
 SCALES = (2, 3, 4)
 _HR_BAND_BYTES = 128 << 20  # the largest map of one band of the inference HR stage
@@ -22,6 +22,11 @@ MAX_RESBLOCKS = 256
 MAX_K = 64
 MAX_PATCH = 15
 MAX_WINDOW = 1024
+# IGNN's stages for the profiling ranges (ignn_triton.profiling): {module: range name}. The
+# glue between them (the mean shifts, torch.cat, the skip + x0) runs outside any range.
+STAGES = {"vggnet": "ignn/embed", "head": "ignn/head", "body1": "ignn/body1",
+          "fuse_b": "ignn/fuse", "body2": "ignn/body2", "upsample": "ignn/upsample",
+          "fuse_up": "ignn/upsample", "tail": "ignn/tail"}
 
 
 def _is_int(value) -> bool:
@@ -146,6 +151,7 @@ class IGNN(nn.Module):
         else:  # the released code wraps even this single conv: keys `tail.0.0.*`
             self.tail = nn.Sequential(conv_block(C, 3, 3))
         self._register_load_state_dict_pre_hook(drop_embedcnn_alias)
+        name_stages(self, STAGES)
 
     def valid_size(self, h: int, w: int) -> tuple[int, int]:
         """The smallest (H', W') >= (h, w) the graph aggregation accepts: divisible by s,
@@ -158,36 +164,17 @@ class IGNN(nn.Module):
 
     def forward(self, x: torch.Tensor, x_son: torch.Tensor | None = None) -> torch.Tensor:
         check_image(x)
-        s = self.graph_scale
-        B, _, H, W = x.shape
-        Hp, Wp = self.valid_size(H, W)
-        if x_son is None:
-            x = _reflect_pad(x, Hp - H, Wp - W)
-            x_son = imresize(x, size=(Hp // s, Wp // s)).clamp(0, 1)
-        else:
-            check_image(x_son, "x_son")
-            if (Hp, Wp) != (H, W):
-                raise ValueError(f"x_son can only be given with an input of a valid size; "
-                                 f"x {tuple(x.shape)} would need padding to {(Hp, Wp)}")
-            if tuple(x_son.shape) != (B, 3, H // s, W // s):
-                raise ValueError(f"x_son must be (B, 3, H/s, W/s) = {(B, 3, H // s, W // s)} "
-                                 f"for s = {s}; got {tuple(x_son.shape)}")
-        with stage("ignn/embed"):
-            ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
-        with stage("ignn/head") as st:
-            x0 = st.outputs(self.head(self.sub_mean(255.0 * st.inputs(x))))
+        H, W = x.shape[-2:]
+        x, x_son = self._graph_inputs(x, x_son)
+        ye, xe = self.vggnet(x), self.vggnet(x_son)  # (B, 64, H, W), (B, 64, H/s, W/s)
+        x0 = self.head(self.sub_mean(255.0 * x))
         del x, x_son
-        with stage("ignn/body1") as st:
-            x1 = st.outputs(self.body1(st.inputs(x0)))
-        x1_lr, x1_hr = self.gcn(x1, ye, xe)
+        x1 = self.body1(x0)
+        x1_lr, x1_hr = self.gcn(x1, ye, xe)  # (B, C, H, W), (B, C, sH, sW)
         del ye, xe
-        with stage("ignn/fuse") as st:
-            x1, x1_lr = st.inputs(x1, x1_lr)
-            x1 = st.outputs(self.fuse_b(torch.cat([x1, x1_lr], 1)))
+        x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
         del x1_lr
-        with stage("ignn/body2") as st:
-            x1, x0 = st.inputs(x1, x0)
-            x2 = st.outputs(self.body2(x1) + x0)
+        x2 = self.body2(x1) + x0
         del x0, x1
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             y = self._hr_stage(x2, x1_hr)
@@ -195,13 +182,28 @@ class IGNN(nn.Module):
             y = self._hr_stage_banded(x2, x1_hr)
         return y[..., : self.scale * H, : self.scale * W]
 
+    def _graph_inputs(self, x: torch.Tensor, x_son: torch.Tensor | None):
+        """x reflect-padded to valid_size, and its son x_son (B, 3, H/s, W/s): checked when
+        given, else imresize(x, 1/s) clamped to [0, 1]."""
+        s = self.graph_scale
+        B, _, H, W = x.shape
+        Hp, Wp = self.valid_size(H, W)
+        if x_son is None:
+            x = _reflect_pad(x, Hp - H, Wp - W)
+            return x, imresize(x, size=(Hp // s, Wp // s)).clamp(0, 1)
+        check_image(x_son, "x_son")
+        if (Hp, Wp) != (H, W):
+            raise ValueError(f"x_son can only be given with an input of a valid size; "
+                             f"x {tuple(x.shape)} would need padding to {(Hp, Wp)}")
+        if tuple(x_son.shape) != (B, 3, H // s, W // s):
+            raise ValueError(f"x_son must be (B, 3, H/s, W/s) = {(B, 3, H // s, W // s)} "
+                             f"for s = {s}; got {tuple(x_son.shape)}")
+        return x, x_son
+
     def _hr_stage(self, x2: torch.Tensor, x1_hr: torch.Tensor) -> torch.Tensor:
         """upsample, fuse_up, tail: x2 (B, C, H, W), x1_hr (B, C, sH, sW) -> (B, 3, SH, SW)."""
-        with stage("ignn/upsample") as st:
-            x2, x1_hr = st.inputs(x2, x1_hr)
-            u = st.outputs(self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1)))
-        with stage("ignn/tail") as st:
-            return st.outputs(self.add_mean(self.tail(st.inputs(u))) / 255.0)
+        u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
+        return self.add_mean(self.tail(u)) / 255.0
 
     def hr_halo(self) -> int:
         """LR rows of x2 beyond a band that the HR stage's rows in the band depend on: 1 for

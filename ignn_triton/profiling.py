@@ -1,23 +1,32 @@
 """Named ranges around every stage of IGNN, forward and backward, for nsys (NVTX) and
 torch.profiler.
 
-Off by default: `stage(name)` then returns a no-op object, so the cost is a global read,
-one small object and two identity calls per stage. Switch on with `enable_nvtx()` or the
-environment variable IGNN_TRITON_NVTX=1; each stage then opens an NVTX range (the `nvtx`
-package) and a torch.profiler `record_function` range of the same name. Inside
-torch.compile the ranges are skipped, so they never break the graph (and a compiled
-backward has no stage ranges).
+Off by default, and then free: no hook is installed and `stage(name)` returns a no-op
+object. Switch on with `enable_nvtx()` or the environment variable IGNN_TRITON_NVTX=1;
+each stage then opens an NVTX range (the `nvtx` package) and a torch.profiler
+`record_function` range of the same name. Inside torch.compile the ranges are skipped, so
+they never break the graph (and a compiled backward has no stage ranges).
 
-Stage names (forward): ignn/embed, ignn/head, ignn/body1, ignn/knn, ignn/edges, ignn/ecn,
-ignn/stats, ignn/aggregate, ignn/den, ignn/fuse, ignn/body2, ignn/upsample, ignn/tail.
+A stage is a module or a block of code:
+- `name_stages(model, {"body1": "ignn/body1", ...})` tags submodules. While the ranges are
+  on, global module hooks (installed by enable_nvtx, removed by enable_nvtx(False)) put
+  every call of a tagged module in a range of its name, with its positional inputs and its
+  output marked for the backward range. IGNN's stages are its modules (model.py); the glue
+  between them (the mean shifts, torch.cat, the skip addition) runs outside any range.
+  (torch.compile(model) warns that global hooks also fire for its wrapper module: untagged,
+  it opens no range.)
+- `with stage(name) as st:` around a block, marking its tensors by hand (the graph
+  aggregation's inner stages, modules.py):
 
-Backward: a stage marks its differentiable inputs and outputs,
+      with stage("ignn/den") as st:
+          w_r, knn_hr = st.inputs(w_r, knn_hr)
+          return st.outputs(w_r * self.knn_downsample(knn_hr))
 
-    with stage("ignn/body2") as st:
-        x1, x0 = st.inputs(x1, x0)
-        x2 = st.outputs(self.body2(x1) + x0)
+Stage names (forward): ignn/embed (twice: the image and its son), ignn/head, ignn/body1,
+ignn/knn, ignn/edges, ignn/ecn, ignn/stats, ignn/aggregate, ignn/den, ignn/fuse,
+ignn/body2, ignn/upsample (twice: the upsampler and fuse_up), ignn/tail.
 
-and, when autograd records the stage, its backward sits in a range `<stage>/backward`
+Backward: when autograd records a stage, its backward sits in a range `<stage>/backward`
 (ignn/body2/backward), opened by an identity node on the outputs and closed by one on the
 inputs. The autograd engine runs the nodes of one device in decreasing sequence number,
 the reverse of the order they were recorded in, so the outputs' node runs just before the
@@ -41,18 +50,38 @@ import os
 import threading
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-_enabled = os.environ.get("IGNN_TRITON_NVTX", "0") not in ("", "0")
+_enabled = False
+_hooks = []  # the global module hooks' handles, while the ranges are on
+_STAGE_ATTR = "_profiling_stage"  # a tagged module's stage name
 
 
 def enable_nvtx(on: bool = True) -> None:
-    """Turn the stage ranges on (or off)."""
+    """Turn the stage ranges on (or off): on installs the global module hooks that put the
+    tagged modules in ranges, off removes them."""
     global _enabled
     _enabled = on
+    while _hooks:
+        _hooks.pop().remove()
+    if on:
+        _hooks.extend([register_module_forward_pre_hook(_enter_module),
+                       register_module_forward_hook(_exit_module, always_call=True)])
 
 
 def nvtx_enabled() -> bool:
     return _enabled
+
+
+def name_stages(model: torch.nn.Module, stages: dict[str, str]) -> None:
+    """Tag model's submodules as stages, {attribute: stage name} (several modules may share
+    a name): while the ranges are on, each call of one runs in a range of its name."""
+    for attr, name in stages.items():
+        setattr(getattr(model, attr), _STAGE_ATTR, name)
+
+
+def _one_or_all(values: tuple):
+    return values[0] if len(values) == 1 else values
 
 
 class _Off:
@@ -65,19 +94,18 @@ class _Off:
         pass
 
     def inputs(self, *args):
-        return args[0] if len(args) == 1 else args
+        return _one_or_all(args)
 
     outputs = inputs
 
 
-_thread = threading.local()
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.opened = []  # the backward ranges this thread opened (some closed since)
+        self.modules = []  # (module, _Stage) of the tagged modules running, innermost last
 
 
-def _opened() -> list:
-    """The backward ranges this thread opened (some may have been closed since)."""
-    if not hasattr(_thread, "open"):
-        _thread.open = []
-    return _thread.open
+_thread = _ThreadState()
 
 
 class _BackwardRange:
@@ -95,7 +123,7 @@ class _BackwardRange:
             return
         self.nvtx_range = nvtx.start_range(self.name)
         self.record = torch.ops.profiler._record_function_enter_new(self.name, None)
-        _opened().append(self)
+        _thread.opened.append(self)
         torch.autograd.Variable._execution_engine.queue_callback(self.close)  # end of pass
 
     def close(self) -> None:
@@ -110,7 +138,7 @@ class _BackwardRange:
 
 def _close_finished(keep: _BackwardRange | None = None) -> None:
     """Close the ranges this thread opened, but `keep`: the engine has run past them."""
-    ranges = _opened()
+    ranges = _thread.opened
     for rng in ranges:
         if rng is not keep:
             rng.close()
@@ -176,18 +204,18 @@ class _Stage:
             for i, t in zip(grads, marker.apply(self.backward, *(flat[i] for i in grads))):
                 flat[i] = t
         rest = iter(flat)
-        out = [tuple(next(rest) for _ in a) if isinstance(a, tuple) else next(rest) for a in args]
-        return out[0] if len(out) == 1 else tuple(out)
+        return tuple(tuple(next(rest) for _ in a) if isinstance(a, tuple) else next(rest)
+                     for a in args)
 
     def inputs(self, *args):
         """The stage's inputs, as they are; its backward range ends once their gradients are
         done. Call first, before any op of the stage."""
-        return self._mark(_InputsMarker, args)
+        return _one_or_all(self._mark(_InputsMarker, args))
 
     def outputs(self, *args):
         """The stage's outputs, as they are; its backward range begins when their gradients
         are done. Call last, after every op of the stage."""
-        return self._mark(_OutputsMarker, args)
+        return _one_or_all(self._mark(_OutputsMarker, args))
 
 
 def stage(name: str):
@@ -196,3 +224,28 @@ def stage(name: str):
     if not _enabled or torch.compiler.is_compiling():
         return _Off()  # a fresh one: torch.compile enters only context managers made in the graph
     return _Stage(name)
+
+
+def _enter_module(module: torch.nn.Module, args: tuple):
+    """Global forward pre-hook: a tagged module's call opens its stage and marks its
+    positional inputs (the marked ones replace them)."""
+    if torch.compiler.is_compiling() or _STAGE_ATTR not in module.__dict__:
+        return None
+    st = _Stage(module.__dict__[_STAGE_ATTR]).__enter__()
+    _thread.modules.append((module, st))
+    return st._mark(_InputsMarker, args)
+
+
+def _exit_module(module: torch.nn.Module, args: tuple, output):
+    """Global forward hook, run even when the forward raises: marks a tagged module's
+    output (the marked one replaces it) and closes its stage."""
+    if torch.compiler.is_compiling() or not _thread.modules or _thread.modules[-1][0] is not module:
+        return None  # not a tagged module (or one that started before the ranges were on)
+    st = _thread.modules.pop()[1]
+    try:
+        return st.outputs(output)
+    finally:
+        st.__exit__(None, None, None)
+
+
+enable_nvtx(os.environ.get("IGNN_TRITON_NVTX", "0") not in ("", "0"))

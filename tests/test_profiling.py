@@ -1,5 +1,5 @@
-"""NVTX / record_function stage ranges (forward and backward), and the profiling scripts'
-CPU smoke runs."""
+"""NVTX / record_function stage ranges (forward and backward; modules tagged as stages by
+name_stages, blocks by stage()), and the profiling scripts' CPU smoke runs."""
 import dataclasses
 import json
 import os
@@ -43,24 +43,46 @@ def _profiled_names(model, x):
     return {event.key for event in prof.key_averages()}
 
 
+def _global_hooks() -> int:
+    module = torch.nn.modules.module
+    return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+
+
 def test_stage_ranges_appear_only_when_enabled():
     model = IGNN(scale=2, n_feats=4, n_resblocks=2, window=4).eval()
     x = torch.rand(1, 3, 16, 16)
     assert not profiling.nvtx_enabled()
+    hooks = _global_hooks()
     assert not STAGES & _profiled_names(model, x)
     profiling.enable_nvtx()
+    profiling.enable_nvtx()  # twice: still one pair of hooks
     try:
+        assert _global_hooks() == hooks + 2
         assert STAGES <= _profiled_names(model, x)
     finally:
         profiling.enable_nvtx(False)
+    assert _global_hooks() == hooks  # off: not even an empty hook runs
 
 
+def test_environment_variable_enables_ranges():
+    code = ("import torch, ignn_triton\n"
+            "model = ignn_triton.IGNN(scale=2, n_feats=4, n_resblocks=2, window=4).eval()\n"
+            "with torch.profiler.profile() as prof, torch.no_grad():\n"
+            "    model(torch.rand(1, 3, 16, 16))\n"
+            "print(sorted({e.key for e in prof.key_averages() if e.key.startswith('ignn/')}))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "IGNN_TRITON_NVTX": "1"},
+                         check=True, capture_output=True, text=True).stdout
+    assert out.splitlines()[-1] == str(sorted(STAGES))
+
+
+# torch.compile warns that global hooks also fire for its OptimizedModule: untagged, a no-op
+@pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")
 def test_compile_fullgraph_with_ranges_on(ranges_on):
     model, x = _tiny()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    # forward and backward: stage() is a no-op while compiling; the gradients match eager's
+    # forward and backward: the ranges are skipped while compiling; the gradients match eager's
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(model(x).square().mean(), params)
     compiled_grads = torch.autograd.grad(compiled(x).square().mean(), params)
@@ -69,14 +91,17 @@ def test_compile_fullgraph_with_ranges_on(ranges_on):
 
 def test_backward_ranges_hold_each_stage_backward(ranges_on):
     model, x = _tiny()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
         _train_step(model, x)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     ranges = [e for e in events if e.name.startswith("ignn/") and e.name.endswith("/backward")]
     calls = {name: sum(e.name == name for e in ranges) for name in BACKWARD}
-    # one range per stage call, k = 5 ranks: the ECN runs per rank, then the softmax
+    # one range per stage call, k = 5 ranks: the ECN runs per rank, then the softmax;
+    # ignn/upsample is two modules (the upsampler, fuse_up)
     assert calls == {**dict.fromkeys(BACKWARD, 1), "ignn/aggregate/backward": 6,
-                     "ignn/ecn/backward": 6, "ignn/den/backward": 5}
+                     "ignn/ecn/backward": 6, "ignn/den/backward": 5,
+                     "ignn/upsample/backward": 2}
     for a, b in zip(ranges, ranges[1:]):  # each closed before the next opens
         assert a.time_range.start < a.time_range.end <= b.time_range.start, (a.name, b.name)
 
@@ -85,7 +110,10 @@ def test_backward_ranges_hold_each_stage_backward(ranges_on):
                 and event.time_range.end <= r.time_range.end]
 
     convs = [e for e in events if e.name == "aten::convolution_backward"]
-    assert all(len(stage_of(e)) == 1 for e in convs)  # every convolution is in a stage
+    # every convolution is in a stage but the glue after the tail: add_mean, a 1x1 on RGB
+    outside, = [e for e in convs if not stage_of(e)]
+    assert outside.input_shapes[2] == [3, 3, 1, 1]  # (grad, input, weight, ...)
+    assert all(len(stage_of(e)) == 1 for e in convs if e is not outside)
     assert sum(stage_of(e) == ["ignn/body2/backward"] for e in convs) == 3  # ResBlock + conv
     assert sum(stage_of(e) == ["ignn/den/backward"] for e in convs) == 5 * 3
 
@@ -150,8 +178,8 @@ def test_nvtx_ranges_balanced_and_named(ranges_on, monkeypatch):
     starts, ends = backward[::2], backward[1::2]
     assert [c[0] for c in starts] == ["start"] * len(starts) and len(ends) == len(starts)
     assert [c[2] for c in starts] == [c[1] for c in ends]
-    assert [c[1] for c in starts][:3] == ["ignn/tail/backward", "ignn/upsample/backward",
-                                          "ignn/body2/backward"]
+    assert [c[1] for c in starts][:4] == ["ignn/tail/backward", "ignn/upsample/backward",
+                                          "ignn/upsample/backward", "ignn/body2/backward"]
     assert starts[-1][1] == "ignn/head/backward"
 
     # a partial backward (to the tail's weight) still closes the one range it opened
@@ -166,6 +194,25 @@ def test_nvtx_ranges_balanced_and_named(ranges_on, monkeypatch):
     again = [c for c in fake.calls if c[0] in ("start", "end")]
     assert [c[1] for c in again[::2]] == [c[1] for c in starts]
     assert [c[2] for c in again[::2]] == [c[1] for c in again[1::2]]
+
+
+def test_stage_module_that_raises_closes_its_range(ranges_on, monkeypatch):
+    fake = _FakeNvtx()
+    monkeypatch.setitem(sys.modules, "nvtx", fake)
+    model, x = _tiny()
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    model.body1.forward = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(x)
+    assert fake.calls[-2:] == [("push", "ignn/body1"), ("pop",)]
+    del model.body1.forward
+    fake.calls.clear()
+    model(x)  # no range was left open: the next forward's ranges are as ever
+    pushes = [c[1] for c in fake.calls if c[0] == "push"]
+    assert set(pushes) == STAGES and fake.calls.count(("pop",)) == len(pushes)
 
 
 def test_bench_smoke_run_writes_results(tmp_path):
