@@ -64,7 +64,7 @@ TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 1e-4), torch.bfloat16:
 DIFF_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3),
             torch.bfloat16: (1e-2, 1e-2)}  # (rtol, atol): fp32 sum, rounded to the dtype
 
-SETTINGS = settings(max_examples=24, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=16, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
