@@ -154,7 +154,7 @@ class GraphAggregation(nn.Module):
 
     def forward(self, feat: torch.Tensor, ye: torch.Tensor, xe: torch.Tensor):
         s, p, t = self.scale, self.patch, self.stride
-        B, C, H, W = feat.shape
+        H, W = feat.shape[-2:]  # feat (B, C, H, W)
         with stage("ignn/knn"):
             _, idx = ops.patch_knn(ye, xe, self.k, s, self.window, p, t)  # (B, M, k)
         with stage("ignn/edges"):
