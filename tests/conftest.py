@@ -13,6 +13,15 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`-n`, see pyproject.toml) the workers share the cores: each gets its
+# share of intra-op threads, else their OpenMP pools oversubscribe the machine. Child
+# processes that tests start (CLI runs, fresh-process memory measurements) inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 
 def kernel_device() -> torch.device:
     """Where Triton kernels run: the GPU when there is one, else the CPU (interpreter)."""

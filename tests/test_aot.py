@@ -13,6 +13,8 @@ pytest.importorskip("triton")
 
 from ignn_triton.kernels import KERNEL_MODULES, aot  # noqa: E402
 ARCHS = (80, 90)
+# one pytest-xdist worker runs this file, so the compilation (the `reports` fixture) runs once
+pytestmark = pytest.mark.xdist_group("aot")
 
 
 @pytest.fixture(scope="module")
