@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             rows[name] = (median_ms(model, x, args.reps), split_ms(model, x), gflops(model, x))
             ms, parts, flops = rows[name]
             print(f"| {n}x{n} | {name} | {ms:.0f} | {parts['conv']:.0f} | "
-                  f"{parts['shuffle']:.0f} | {parts['other']:.0f} | {flops:.1f} |")
+                  f"{parts['shuffle']:.0f} | {parts['other']:.0f} | {flops:.4g} |")
         (a, pa, fa), (b, pb, fb) = rows["IGNN"], rows["EDSR"]
         bound = (pa["conv"] + pa["shuffle"]) / sum(pb.values())
         print(f"| {n}x{n} | IGNN/EDSR | {a / b:.2f} | {pa['conv'] / pb['conv']:.2f} | | "

@@ -418,3 +418,20 @@ def test_nvtx_ranges_with_ga_checkpointing(ranges_on, monkeypatch):
     for c in fake.calls:
         depth += {"push": 1, "pop": -1}.get(c[0], 0)
         assert depth in (0, 1)
+
+
+def test_conv_share_script_splits_both_models(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "profiling" / "conv_share.py"
+    spec = importlib.util.spec_from_file_location("ignn_profiling_conv_share", path)
+    conv_share = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv_share)
+    conv_share.main(["24", "--reps", "1", "--n-feats", "8", "--blocks", "2", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 24x24")]
+    assert [r[1].strip() for r in rows] == ["IGNN", "EDSR", "IGNN/EDSR"]
+    for row in rows[:2]:
+        forward, conv, shuffle, other, flops = (float(v) for v in row[2:])
+        assert forward > 0 and conv > 0 and shuffle >= 0 and other >= 0 and flops > 0
+    assert float(rows[2][2]) > 1 and "bound" in rows[2][5]
