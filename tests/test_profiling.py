@@ -266,14 +266,20 @@ def test_tiling_script_measures_tiled_vs_untiled(tmp_path):
     assert "| a.png | 20x24 | 12 / 4 |" in (tmp_path / "t.md").read_text()
 
 
-def _memory_script():
+def _profiling_script(name: str):
+    """profiling/<name>.py imported as a module (the scripts are not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "profiling" / "memory.py"
-    spec = importlib.util.spec_from_file_location("ignn_profiling_memory", path)
+    path = Path(__file__).resolve().parents[1] / "profiling" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ignn_profiling_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _memory_script():
+    return _profiling_script("memory")
 
 
 def test_live_bytes_counts_what_is_alive_at_once():
@@ -321,14 +327,7 @@ def test_memory_script_writes_every_shape(tmp_path, capsys):
 
 
 def _gpu_check_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "profiling" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("ignn_profiling_gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return _profiling_script("gpu_check")
 
 
 def test_gpu_check_arguments(tmp_path):
@@ -421,12 +420,7 @@ def test_nvtx_ranges_with_ga_checkpointing(ranges_on, monkeypatch):
 
 
 def test_conv_share_script_splits_both_models(capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "profiling" / "conv_share.py"
-    spec = importlib.util.spec_from_file_location("ignn_profiling_conv_share", path)
-    conv_share = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv_share)
+    conv_share = _profiling_script("conv_share")
     conv_share.main(["24", "--reps", "1", "--n-feats", "8", "--blocks", "2", "--threads", "1"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| 24x24")]
