@@ -119,11 +119,11 @@ def _cpu_paths_visible():
 def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: int, patch: int,
                         stride: int) -> int:
     """Bytes the torch backend of patch_aggregate allocates besides its output, from the
-    chunking it uses (torch_backend.cpu_chunks and offset_rows): the padded HR fold buffer
-    and its polyphase twin, one offset's gather and its normalisation terms, a channel chunk's key
-    pixels by offset (and the next chunk's, while it is made) and its padded source, the
-    work-dtype copies of F and of the output when F is 16-bit, and with logits the softmax
-    weights and one rank's HR map."""
+    chunking it uses (torch_backend.cpu_chunks and offset_rows): the polyphase HR buffer
+    (and its padded HR copy unless torch_backend.unpolyphase_in_place), one offset's gather
+    and its normalisation terms, a channel chunk's key pixels by offset (and the next
+    chunk's, while it is made) and its padded source, the work-dtype copies of F and of the
+    output when F is 16-bit, and with logits the softmax weights and one rank's HR map."""
     B, C, H, W = feat.shape
     k = idx.shape[2]
     geo = graph_geometry(H, W, scale, patch, stride)
@@ -131,7 +131,8 @@ def aggregate_workspace(feat: torch.Tensor, idx: torch.Tensor, logits, scale: in
     extra = geo.slots - 1  # phase rows past the last query row
     cc = torch_backend.cpu_chunks(geo, C)[0]
     gather = cc * torch_backend.offset_rows(geo, cc) * geo.m2
-    elements = (2 * cc * (geo.m1 + extra) * ts * (geo.m2 + extra) * ts  # fold buffers
+    buffers = 1 if torch_backend.unpolyphase_in_place(geo) else 2
+    elements = (buffers * cc * (geo.m1 + extra) * ts * (geo.m2 + extra) * ts  # HR buffers
                 + 3 * gather  # gather, alpha, beta
                 + 2 * geo.num_keys * cc * ps * ps  # key pixels by offset
                 + cc * ((geo.n1 - 1) * ts + ps) * ((geo.n2 - 1) * ts + ps))  # padded source
@@ -173,8 +174,10 @@ class _CpuEstimate(LiveBytes):
         return out
 
 
-# Measured on the CPU (torch 2.13, 2 threads), not seen by the replay: what the first
-# forward of a process allocates besides tensors (oneDNN primitives, thread pools).
+# Not seen by the replay, measured on the CPU (torch 2.13, glibc malloc) at LR 256x256:
+# what a forward adds to the process besides its tensors' peak (409 MiB there). About
+# 15-30 MiB of runtime (oneDNN primitives, thread pools) when freed blocks go straight back
+# to the system; 35-115 MiB from run to run with the default malloc, which keeps some.
 CPU_RUNTIME_BYTES = 128 << 20
 
 

@@ -323,16 +323,24 @@ def _offset_phases(geo: GraphGeometry, i0: int, rows: int):
                                slice(v // ts, v // ts + geo.m2))
 
 
+def unpolyphase_in_place(geo: GraphGeometry) -> bool:
+    """Whether `_unpolyphase` reads the polyphase buffer in one pass (the HR map starts on a
+    phase boundary and spans whole phases: IGNN's maps at x2 and x4, and at x3 for even
+    sizes); else it makes a padded HR copy first."""
+    ts = geo.hr_stride
+    return not (geo.hr_top % ts or geo.hr_left % ts or geo.hr_height % ts
+                or geo.hr_width % ts)
+
+
 def _unpolyphase(poly: torch.Tensor, count: torch.Tensor, geo: GraphGeometry,
                  out: torch.Tensor) -> torch.Tensor:
     """out (Cc, sH, sW) = the HR map held in the polyphase layout (Cc, ts, ts, m1 + X,
-    m2 + X), cropped, divided by the cover counts (sH, sW). One pass when the map starts on
-    a phase boundary and spans whole phases (IGNN's maps at x2 and x4, and at x3 for even
-    sizes); else through the padded HR layout."""
+    m2 + X), cropped, divided by the cover counts (sH, sW); through the padded HR layout
+    unless `unpolyphase_in_place`."""
     ts = geo.hr_stride
     Cc, sH, sW = out.shape
     phases_of = poly.permute(0, 3, 1, 4, 2)  # (Cc, m1 + X, ts, m2 + X, ts), a view
-    if geo.hr_top % ts or geo.hr_left % ts or sH % ts or sW % ts:
+    if not unpolyphase_in_place(geo):
         hr = phases_of.contiguous().view(Cc, phases_of.shape[1] * ts, phases_of.shape[3] * ts)
         return torch.div(hr[:, geo.hr_top: geo.hr_top + sH, geo.hr_left: geo.hr_left + sW],
                          count, out=out)

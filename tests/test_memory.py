@@ -1,6 +1,8 @@
 """Memory: the forward's predicted peak (estimate_memory) against measured peaks, the
 automatic tile choice against its budget, refusals of impossible budgets and absurd images,
 and progress on a single image."""
+import json
+import os
 import struct
 import subprocess
 import sys
@@ -9,43 +11,79 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+import ignn_triton
 from ignn_triton import IGNN, save_model
 from ignn_triton.cli import main
 from ignn_triton.images import PNG_SIGNATURE, image_size, read_array, write_array
-from ignn_triton.memory import estimate_memory
+from ignn_triton.memory import CPU_RUNTIME_BYTES, estimate_memory
 from ignn_triton.upscale import TILE_SIZES, MemoryBudgetError, Upscaler
 
-MEASURE = """
-import resource, sys
+# A fresh process with glibc's mmap threshold fixed, so that every large block goes back
+# to the system when freed: its peak RSS is the forward's own, not what the C allocator
+# kept from earlier (that varied by 80 MiB from run to run at 256x256 with the default
+# malloc). VmHWM is reset (clear_refs 5) once the model and input are loaded.
+RSS = """
+import sys
 import torch, ignn_triton
 from ignn_triton.memory import estimate_memory
 torch.manual_seed(0)
 model = ignn_triton.load_model("builtin")
 h, w = int(sys.argv[1]), int(sys.argv[2])
 x = torch.rand(1, 3, h, w)
-def rss():
+def status(key):
     with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
-before = rss()
+        return int(f.read().split(key + ":")[1].split()[0]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
 with torch.inference_mode():
     model(x)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-print(peak, estimate_memory(model, h, w))
+print(status("VmHWM") - before, estimate_memory(model, h, w))
 """
 
 
-@pytest.mark.parametrize("h, w", [(256, 256), (160, 224)])
-def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(h, w):
-    """The built-in x4 model in a fresh process: peak RSS above what the model and input
-    hold, against the prediction (measured here, two runs each: 160x224 -8/-9%, 256x256
-    -6/-7%, 384x384 +16%, 512x512 +9/+11%; 192x256 gave 0% and -22%). Not at 128x128 and
-    below, where the runtime's own allocations (about 130 MiB, varying by +-60 MiB from run
-    to run) dominate the peak."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(h), str(w)], capture_output=True,
-                         text=True, check=True).stdout.split()
+@pytest.fixture(scope="module")
+def builtin():
+    return ignn_triton.load_model("builtin")
+
+
+def allocated_peak(model, x, trace) -> int:
+    """Peak bytes of the tensors model(x) allocates above those alive before, from the
+    profiler's allocator events (every CPU allocation and free, in order; exact, and blind
+    to what the C allocator caches)."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
+        model(x)
+    prof.export_chrome_trace(str(trace))
+    events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"]
+              if e.get("name") == "[memory]"]
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+@pytest.mark.parametrize("h, w", [(160, 224), (384, 384)])
+def test_estimate_is_within_15_percent_of_the_allocated_peak(builtin, h, w, tmp_path):
+    """The replay (estimate_memory less its runtime allowance) against the peak of the
+    tensors a real forward of the built-in x4 model allocates (measured: 160x224 -5%,
+    256x256 -4%, 384x384 +9%; the peak is in a convolution or in the aggregation)."""
+    torch.manual_seed(0)
+    measured = allocated_peak(builtin, torch.rand(1, 3, h, w), tmp_path / "trace.json")
+    predicted = estimate_memory(builtin, h, w) - CPU_RUNTIME_BYTES
+    assert abs(predicted - measured) <= 0.15 * measured, (measured, predicted)
+
+
+@pytest.mark.parametrize("h, w", [(256, 256)])
+def test_estimate_covers_the_peak_rss_of_a_fresh_process(h, w):
+    """The whole prediction, runtime allowance included, against the peak RSS a forward adds
+    to a fresh process (measured: 423 MiB at 256x256 against 520 predicted, the same at 1
+    and 2 threads; with the default malloc, 443-525 MiB from run to run)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+    out = subprocess.run([sys.executable, "-c", RSS, str(h), str(w)], capture_output=True,
+                         text=True, check=True, env=env).stdout.split()
     measured, predicted = int(out[0]), int(out[1])
-    assert abs(predicted - measured) <= 0.25 * measured, (measured, predicted)
+    assert 0.7 * predicted <= measured <= predicted, (measured, predicted)
 
 
 def test_estimate_grows_with_the_image_and_leaves_the_model_alone():
