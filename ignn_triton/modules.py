@@ -195,12 +195,12 @@ class GraphAggregation(nn.Module):
         training memory free of knn_hr, accumulates 16-bit F's ranks unrounded, and is the
         GPU path measured on a GPU."""
         w_hr = torch.softmax(logits_hr.to(feat.dtype), 1)  # (B, k, sH, sW), as the fused op
-        x1_hr = feat.new_zeros(*feat.shape[:2], *logits_hr.shape[2:])  # (B, C, sH, sW)
-        x1_lr = 0
+        x1_hr = x1_lr = 0
         for r in range(self.k):
             knn_hr = self._aggregate_rank(feat, idx[:, :, r:r + 1], query, key)
-            with stage("ignn/aggregate"):
-                x1_hr.addcmul_(knn_hr, w_hr[:, r:r + 1])
+            with stage("ignn/aggregate"):  # rank 0 needs no zeroed map: 0 + a * b == a * b
+                x1_hr = (knn_hr * w_hr[:, :1] if r == 0
+                         else x1_hr.addcmul_(knn_hr, w_hr[:, r:r + 1]))
             x1_lr = x1_lr + self._den(knn_hr, w_lr[:, r:r + 1])
             del knn_hr
         return x1_lr, x1_hr

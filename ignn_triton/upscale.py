@@ -294,8 +294,8 @@ class Upscaler:
                     wx = _ramp(S * w, S * overlap if left > 0 else 0,
                                S * overlap if left + w < W else 0)
                     wt = (wy[:, None] * wx[None, :])[None, None]
-                    out[..., S * top: S * (top + h), S * left: S * (left + w)] += y * wt
-                    weight[..., S * top: S * (top + h), S * left: S * (left + w)] += wt
+                    out[..., S * top: S * (top + h), S * left: S * (left + w)].add_(y * wt)
+                    weight[..., S * top: S * (top + h), S * left: S * (left + w)].add_(wt)
                     bar.update()
         finally:
             bar.close()
