@@ -399,10 +399,15 @@ def aggregate(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
             offsets = _key_offsets(feat[b, c].to(work), geo)  # (ps^2, width, N)
             q_mean, q_std, k_mean, k_std = (t[b, c] for t in stats)  # (width, M | N)
             fold = poly[:width]
+            # per step of query rows, its (source offset, destination slab) pairs: the same
+            # views for every rank, made once
+            steps = [(i0, min(m1, i0 + rows),
+                      [(offsets[u * ps + v], fold[dst])
+                       for (u, v), dst in _offset_phases(geo, i0, min(m1 - i0, rows))])
+                     for i0 in range(0, m1, rows)]
             for r in range(k):
                 fold.zero_()
-                for i0 in range(0, m1, rows):
-                    i1 = min(m1, i0 + rows)
+                for i0, i1, pairs in steps:
                     m = slice(i0 * m2, i1 * m2)
                     n = idx[b, m, r]
                     alpha = q_std[:, m] / k_std[:, n]  # (width, rows * m2)
@@ -410,11 +415,12 @@ def aggregate(feat, idx, stats, logits, geo: GraphGeometry) -> torch.Tensor:
                         alpha.masked_fill_(bad[b, m, r], float("nan"))
                     beta = q_mean[:, m] - k_mean[:, n] * alpha
                     z = gathered[: width * n.numel()].view(width, n.numel())
+                    slab = z.view(width, i1 - i0, m2)
                     n_rows = n.expand(width, -1)  # a gather on 2 threads, index_select on 1
-                    for (u, v), dst in _offset_phases(geo, i0, i1 - i0):
-                        torch.gather(offsets[u * ps + v], 1, n_rows, out=z)
+                    for source, dst in pairs:
+                        torch.gather(source, 1, n_rows, out=z)
                         torch.addcmul(beta, z, alpha, out=z)
-                        fold[dst].add_(z.view(width, i1 - i0, m2))
+                        dst.add_(slab)
                 if logits is None:
                     _unpolyphase(fold, count, geo, out=out[b, r, c])
                 else:

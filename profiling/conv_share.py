@@ -5,7 +5,8 @@ convolution work that IGNN has and EDSR has not.
     python profiling/conv_share.py 128 --threads 1
 
 For each LR size, side by side in one process: the median forward time of IGNN and EDSR
-(same C and blocks, random weights, fp32, inference), then one profiled forward of each,
+(same C and blocks, random weights, fp32, inference; timed in turn, and the range of the
+per-round ratio printed after the table), then one profiled forward of each,
 its self CPU time split into convolutions (oneDNN), pixel shuffles and everything else,
 and its FLOPs (torch.utils.flop_counter). "Bound" is the ratio IGNN would reach if all of
 its non-convolution work cost nothing: its convolutions and pixel shuffles over EDSR's
@@ -27,15 +28,22 @@ CONV_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution
             "aten::conv2d", "aten::_slow_conv2d_forward", "aten::thnn_conv2d"}
 
 
-def median_ms(model, x, reps: int) -> float:
+def paired_ms(models: dict, x, reps: int) -> tuple[dict[str, float], list[float]]:
+    """Median forward milliseconds of each model, timed in turn (IGNN, EDSR, IGNN, ...)
+    after a warm-up of each, so that drifts of a shared machine hit both alike; and the
+    ratio of the first model's time to the second's within each round."""
+    times = {name: [] for name in models}
     with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
+        for model in models.values():
             model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    first, second = times.values()
+    return ({name: 1e3 * statistics.median(t) for name, t in times.items()},
+            [a / b for a, b in zip(first, second)])
 
 
 def split_ms(model, x) -> dict[str, float]:
@@ -73,18 +81,22 @@ def main(argv=None) -> None:
           f"{args.blocks} blocks, fp32\n")
     print("| LR | model | forward ms | conv ms | shuffle ms | other ms | GFLOP |")
     print("|---|---|---|---|---|---|---|")
+    spreads = []
     for n in args.sizes:
         x = torch.rand(1, 3, n, n)
+        ms, ratios = paired_ms(models, x, args.reps)
         rows = {}
         for name, model in models.items():
-            rows[name] = (median_ms(model, x, args.reps), split_ms(model, x), gflops(model, x))
-            ms, parts, flops = rows[name]
-            print(f"| {n}x{n} | {name} | {ms:.0f} | {parts['conv']:.0f} | "
+            rows[name] = (ms[name], split_ms(model, x), gflops(model, x))
+            _, parts, flops = rows[name]
+            print(f"| {n}x{n} | {name} | {ms[name]:.0f} | {parts['conv']:.0f} | "
                   f"{parts['shuffle']:.0f} | {parts['other']:.0f} | {flops:.4g} |")
         (a, pa, fa), (b, pb, fb) = rows["IGNN"], rows["EDSR"]
         bound = (pa["conv"] + pa["shuffle"]) / sum(pb.values())
         print(f"| {n}x{n} | IGNN/EDSR | {a / b:.2f} | {pa['conv'] / pb['conv']:.2f} | | "
               f"bound {bound:.2f} | {fa / fb:.2f} |")
+        spreads.append(f"{n}x{n}: {min(ratios):.2f} .. {max(ratios):.2f}")
+    print(f"\nIGNN/EDSR within each of the {args.reps} rounds: " + "; ".join(spreads))
 
 
 if __name__ == "__main__":
