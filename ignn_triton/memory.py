@@ -173,6 +173,10 @@ class _CpuEstimate(LiveBytes):
             feat, idx, *_, logits, scale, patch, stride = args
             extra = aggregate_workspace(feat, idx, logits, scale, patch, stride)
             self.peak = max(self.peak, self.current + extra)
+        elif func is torch.ops.ignn.patch_aggregate_into.default:
+            feat, idx, *_, scale, patch, stride, _ = args
+            extra = aggregate_workspace(feat, idx, None, scale, patch, stride)
+            self.peak = max(self.peak, self.current + extra)
         elif func is torch.ops.ignn.edge_features.default:
             self.peak = max(self.peak, self.current + edge_workspace(*args))
         return out

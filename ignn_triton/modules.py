@@ -135,12 +135,12 @@ class GraphAggregation(nn.Module):
         with stage("ignn/ecn") as st:
             return st.outputs(_banded(self.weightnet_hr, edges), _banded(self.weightnet_lr, edges))
 
-    def _aggregate_rank(self, feat, idx_r, query, key) -> torch.Tensor:
-        """One rank's knn_hr (B, C, sH, sW)."""
+    def _aggregate_rank(self, feat, idx_r, query, key, out=None) -> torch.Tensor:
+        """One rank's knn_hr (B, C, sH, sW), written into `out` (B, 1, C, sH, sW) if given."""
         with stage("ignn/aggregate") as st:
             inputs = st.inputs(feat, idx_r, query, key)
             return st.outputs(ops.patch_aggregate(*inputs, self.scale, self.patch,
-                                                  self.stride)[:, 0])
+                                                  self.stride, out=out)[:, 0])
 
     def _den(self, knn_hr: torch.Tensor, w_r: torch.Tensor) -> torch.Tensor:
         """w_r * DEN(knn_hr): one rank's weighted LR contribution (B, C, H, W)."""
@@ -196,11 +196,11 @@ class GraphAggregation(nn.Module):
         GPU path measured on a GPU."""
         w_hr = torch.softmax(logits_hr.to(feat.dtype), 1)  # (B, k, sH, sW), as the fused op
         x1_hr = x1_lr = 0
-        for r in range(self.k):
-            knn_hr = self._aggregate_rank(feat, idx[:, :, r:r + 1], query, key)
+        for r in range(self.k):  # every rank's knn_hr in the first one's memory
+            knn_hr = self._aggregate_rank(feat, idx[:, :, r:r + 1], query, key,
+                                          out=None if r == 0 else knn_hr.unsqueeze(1))
             with stage("ignn/aggregate"):  # rank 0 needs no zeroed map: 0 + a * b == a * b
                 x1_hr = (knn_hr * w_hr[:, :1] if r == 0
                          else x1_hr.addcmul_(knn_hr, w_hr[:, r:r + 1]))
             x1_lr = x1_lr + self._den(knn_hr, w_lr[:, r:r + 1])
-            del knn_hr
         return x1_lr, x1_hr

@@ -248,6 +248,24 @@ def _(feat, idx, q_mean, q_std, k_mean, k_std, logits, scale, patch, stride):
     return feat.new_empty(B, C, scale * H, scale * W)
 
 
+@torch.library.custom_op("ignn::patch_aggregate_into", mutates_args=("out",))
+def _patch_aggregate_into(feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor,
+                          q_std: torch.Tensor, k_mean: torch.Tensor, k_std: torch.Tensor,
+                          scale: int, patch: int, stride: int, out: torch.Tensor) -> None:
+    """knn_hr written into out (patch_aggregate(..., out=out)); no gradient."""
+    if _use_triton(feat, idx):
+        out.copy_(kernels.patch_aggregate(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch,
+                                          stride, None))
+    else:
+        backend.aggregate(feat, idx, (q_mean, q_std, k_mean, k_std), None,
+                          _geometry(feat, scale, patch, stride), out=out)
+
+
+@_patch_aggregate_into.register_fake
+def _(feat, idx, q_mean, q_std, k_mean, k_std, scale, patch, stride, out):
+    return None
+
+
 @torch.library.custom_op("ignn::patch_aggregate_backward", mutates_args=())
 def _patch_aggregate_backward(
         feat: torch.Tensor, idx: torch.Tensor, q_mean: torch.Tensor, q_std: torch.Tensor,
@@ -293,9 +311,25 @@ torch.library.register_autograd("ignn::patch_aggregate", _patch_aggregate_grad,
                                 setup_context=_patch_aggregate_setup)
 
 
+def _check_out(out, feat, idx, logits, scale, *stats) -> None:
+    B, C, H, W = feat.shape
+    shape = (B, idx.shape[2], C, scale * H, scale * W)
+    if logits is not None:
+        raise ValueError("out holds knn_hr: it cannot be given with logits")
+    if (tuple(out.shape) != shape or out.dtype != feat.dtype or out.device != feat.device
+            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {shape} {feat.dtype} tensor on "
+                         f"{feat.device}; got {tuple(out.shape)} {out.dtype} on {out.device}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (feat, *stats)):
+        raise RuntimeError("patch_aggregate(out=...) records no gradient: call it under "
+                           "torch.no_grad(), or without out")
+
+
 def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, query: tuple, key: tuple,
                     scale: int = 2, patch: int = 3, stride: int = 2,
-                    logits: torch.Tensor | None = None) -> torch.Tensor:
+                    logits: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """AdaPN aggregation (spec section 6), differentiable in feat, the statistics and logits.
 
     Each neighbour's key block of F is normalised to its query's statistics and folded onto
@@ -304,6 +338,9 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, query: tuple, key: tu
     logits None: knn_hr (B, k, C, sH, sW).
     logits (B, k, sH, sW): x1_hr (B, C, sH, sW) = sum_r softmax_r(logits) * knn_hr[:, r],
     without materialising knn_hr. The result is in feat's dtype, computed in fp32 or better.
+    out: knn_hr is written into it and it is returned (contiguous, feat's shape of knn_hr
+    and dtype; without logits, and recording no gradient), so that a loop over ranks can
+    reuse one map: on the CPU a fresh map above 32 MiB costs its page faults.
     """
     _check_feat(feat)
     B, C, H, W = feat.shape
@@ -317,6 +354,12 @@ def patch_aggregate(feat: torch.Tensor, idx: torch.Tensor, query: tuple, key: tu
     if logits is not None and tuple(logits.shape) != (B, idx.shape[2], scale * H, scale * W):
         raise ValueError(f"logits must be (B, k, sH, sW) = {(B, idx.shape[2], scale * H, scale * W)}"
                          f"; got {tuple(logits.shape)}")
+    if out is not None:
+        _check_out(out, feat, idx, logits, scale, q_mean, q_std, k_mean, k_std)
+        _patch_aggregate_into(feat.contiguous(), idx.contiguous(), q_mean.contiguous(),
+                              q_std.contiguous(), k_mean.contiguous(), k_std.contiguous(),
+                              scale, patch, stride, out)
+        return out
     return _patch_aggregate(feat.contiguous(), idx.contiguous(), q_mean.contiguous(),
                             q_std.contiguous(), k_mean.contiguous(), k_std.contiguous(),
                             None if logits is None else logits.contiguous(), scale, patch, stride)

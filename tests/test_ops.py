@@ -65,9 +65,33 @@ def test_stats_and_aggregate_match_reference(case, C):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     knn = ops.patch_aggregate(feat, idx, query, key, s)
     torch.testing.assert_close(knn, R.aggregate(feat, idx, s), rtol=1e-10, atol=1e-10)
+    out = torch.full_like(knn, float("nan"))  # every element must be written
+    assert ops.patch_aggregate(feat, idx, query, key, s, out=out) is out
+    assert torch.equal(out, knn)
     logits = torch.randn(B, k, s * H, s * W, dtype=torch.float64)
     torch.testing.assert_close(ops.patch_aggregate(feat, idx, query, key, s, logits=logits),
                                R.weighted_sum(R.aggregate(feat, idx, s), logits))
+
+
+def test_aggregate_into_out_refuses_what_it_cannot_write():
+    B, C, H, W, s, k = 1, 3, 12, 10, 2, 3
+    ye, xe, feat = _inputs(B, 2, H, W, s, 5, C)
+    _, idx = R.patch_knn(ye, xe, k, s, 4)
+    query, key = ops.query_stats(feat), ops.key_stats(feat, s)
+    good = torch.empty(B, k, C, s * H, s * W, dtype=torch.float64)
+    bad = {"shape": good[:, :1], "dtype": good.float(),
+           "layout": good.transpose(3, 4).contiguous().transpose(3, 4)}
+    for out in bad.values():
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            ops.patch_aggregate(feat, idx, query, key, s, out=out)
+    logits = torch.zeros(B, k, s * H, s * W, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cannot be given with logits"):
+        ops.patch_aggregate(feat, idx, query, key, s, logits=logits, out=good)
+    f = feat.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="records no gradient"):
+        ops.patch_aggregate(f, idx, ops.query_stats(f), ops.key_stats(f, s), s, out=good)
+    with torch.no_grad():
+        assert ops.patch_aggregate(f, idx, query, key, s, out=good) is good
 
 
 def test_aggregate_gradients_match_reference():
