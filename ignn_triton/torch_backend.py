@@ -368,10 +368,10 @@ def _unpolyphase(poly: torch.Tensor, count: torch.Tensor, geo: GraphGeometry,
 def aggregate(feat, idx, stats, logits, geo: GraphGeometry, out=None) -> torch.Tensor:
     """knn_hr (B, k, C, sH, sW), or with logits x1_hr (B, C, sH, sW) (ops.patch_aggregate);
     stats = (query mean, query std, key mean, key std). knn_hr is written into `out` when
-    given (contiguous, in the work dtype).
+    given (contiguous; each value rounded once to its dtype, as by the final .to()).
 
     Per (item, channel chunk, rank, a few query rows) and per offset (u, v) of the key
-    blocks: gather the neighbours' pixels at that offset (index_select of (Cc, N) rows),
+    blocks: gather the neighbours' pixels at that offset (from (Cc, N) rows),
     normalise them (one addcmul) and add them, a contiguous (Cc, rows, m2) slab, into one
     reused polyphase HR buffer (Cc, ts, ts, m1 + X, m2 + X). The offsets run in the order
     of `phases`, so every HR pixel sums the same terms in the same order as _fold_rows_.
