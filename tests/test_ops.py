@@ -79,9 +79,9 @@ def test_aggregate_into_out_refuses_what_it_cannot_write():
     _, idx = R.patch_knn(ye, xe, k, s, 4)
     query, key = ops.query_stats(feat), ops.key_stats(feat, s)
     good = torch.empty(B, k, C, s * H, s * W, dtype=torch.float64)
-    bad = {"shape": good[:, :1], "dtype": good.float(),
-           "layout": good.transpose(3, 4).contiguous().transpose(3, 4)}
-    for out in bad.values():
+    wrong_shape, wrong_dtype = good[:, :1], good.float()
+    wrong_layout = good.transpose(3, 4).contiguous().transpose(3, 4)
+    for out in (wrong_shape, wrong_dtype, wrong_layout):
         with pytest.raises(ValueError, match="out must be a contiguous"):
             ops.patch_aggregate(feat, idx, query, key, s, out=out)
     logits = torch.zeros(B, k, s * H, s * W, dtype=torch.float64)
