@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from .imresize import imresize
-from .modules import (EDSR_RGB_MEAN, GraphAggregation, MeanShift, ResBlock, VGGEmbedding, conv,
-                      conv_block)
+from .modules import (EDSR_RGB_MEAN, ConvChain, GraphAggregation, MeanShift, ResBlock,
+                      VGGEmbedding, conv, conv_block)
 from .profiling import name_stages
 
 SCALES = (2, 3, 4)
@@ -23,7 +23,7 @@ MAX_K = 64
 MAX_PATCH = 15
 MAX_WINDOW = 1024
 # IGNN's stages for the profiling ranges (ignn_triton.profiling): {module: range name}. The
-# glue between them (the mean shifts, torch.cat, the skip + x0) runs outside any range.
+# glue between them (the mean shifts, the skip + x0) runs outside any range.
 STAGES = {"vggnet": "ignn/embed", "head": "ignn/head", "body1": "ignn/body1",
           "fuse_b": "ignn/fuse", "body2": "ignn/body2", "upsample": "ignn/upsample",
           "fuse_up": "ignn/upsample", "tail": "ignn/tail"}
@@ -139,12 +139,12 @@ class IGNN(nn.Module):
         self.head = conv_block(3, C, 3)
         self.body1 = nn.Sequential(*[ResBlock(C, 3, res_scale) for _ in range(half)])
         self.gcn = GraphAggregation(C, s, k, patch_size, stride, window)
-        self.fuse_b = nn.Sequential(conv_block(2 * C, C, 3, relu=True), conv_block(C, C, 3))
+        self.fuse_b = ConvChain(conv_block(2 * C, C, 3, relu=True), conv_block(C, C, 3))
         self.body2 = nn.Sequential(*[ResBlock(C, 3, res_scale) for _ in range(half)],
                                    conv_block(C, C, 3))
         self.upsample = nn.Sequential(conv(C, C * s * s, 3), nn.PixelShuffle(s))
-        self.fuse_up = nn.Sequential(conv_block(2 * C, C, 3, relu=True),
-                                     conv_block(C, C, 3, relu=True))
+        self.fuse_up = ConvChain(conv_block(2 * C, C, 3, relu=True),
+                                 conv_block(C, C, 3, relu=True))
         if scale == 4:
             self.tail = nn.Sequential(nn.Sequential(conv(C, 4 * C, 3), nn.PixelShuffle(2)),
                                       conv_block(C, 3, 3))
@@ -172,7 +172,7 @@ class IGNN(nn.Module):
         x1 = self.body1(x0)
         x1_lr, x1_hr = self.gcn(x1, ye, xe)  # (B, C, H, W), (B, C, sH, sW)
         del ye, xe
-        x1 = self.fuse_b(torch.cat([x1, x1_lr], 1))
+        x1 = self.fuse_b(x1, x1_lr)
         del x1_lr
         x2 = self.body2(x1) + x0
         del x0, x1
@@ -202,7 +202,7 @@ class IGNN(nn.Module):
 
     def _hr_stage(self, x2: torch.Tensor, x1_hr: torch.Tensor) -> torch.Tensor:
         """upsample, fuse_up, tail: x2 (B, C, H, W), x1_hr (B, C, sH, sW) -> (B, 3, SH, SW)."""
-        u = self.fuse_up(torch.cat([self.upsample(x2), x1_hr], 1))
+        u = self.fuse_up(self.upsample(x2), x1_hr)
         return self.add_mean(self.tail(u)) / 255.0
 
     def hr_halo(self) -> int:

@@ -28,6 +28,66 @@ def conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: in
     return nn.Sequential(*layers)
 
 
+_CPU_CONV_BAND_ELEMENTS = 1 << 19  # output elements per band of a ConvChain layer on the CPU
+
+
+def _cpu_inference(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def _banded_conv(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool) -> torch.Tensor:
+    """relu?(conv(cat(inputs, 1))) computed in bands of output rows, each from its own rows
+    of the inputs, into one output map. oneDNN reorders a convolution's input and output
+    to its blocked layout; a band's stay in cache where a whole map's do not. The bands at
+    the map's top and bottom take the convolution's own zero padding (and drop the rows it
+    makes beyond the band), the others none. Bit-identical to the whole-map convolution."""
+    x = inputs[0]
+    B, _, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    rows = max(1, _CPU_CONV_BAND_ELEMENTS // (B * conv.out_channels * Wo))
+    if rows >= Ho:
+        y = conv(torch.cat(inputs, 1) if len(inputs) > 1 else x)
+        return y.relu_() if relu else y
+    out = x.new_empty(B, conv.out_channels, Ho, Wo)
+    lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
+    for r0 in range(0, Ho, rows):
+        r1 = min(Ho, r0 + rows)
+        a0, a1 = sh * r0 - ph, sh * (r1 - 1) - ph + kh  # input rows [a0, a1), maybe outside
+        if a0 < 0:  # output row j of the band is row j of the map
+            a0, a1, first, pad = 0, min(H, a1), r0, ph
+        elif a1 > H:  # row j is row r0 - lead + j
+            a0, a1, first, pad = sh * (r0 - lead), H, lead, ph
+        else:
+            first, pad = 0, 0
+        band = [t[:, :, a0:a1] for t in inputs]
+        band = torch.cat(band, 1) if len(band) > 1 else band[0]
+        y = F.conv2d(band, conv.weight, conv.bias, conv.stride, (pad, pw))
+        y = y[:, :, first: first + r1 - r0]
+        out[:, :, r0:r1] = y.relu_() if relu else y
+    return out
+
+
+class ConvChain(nn.Sequential):
+    """Convolutions, each optionally followed by a ReLU (flat, or in conv_blocks), applied
+    to the channel concatenation of the inputs: forward(*inputs) is the Sequential on
+    cat(inputs, 1). In CPU inference each convolution runs in bands of rows (_banded_conv)
+    and the concatenation is made a band at a time, never as a whole map."""
+
+    def _conv_relus(self) -> list[tuple[nn.Conv2d, bool]]:
+        layers = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]
+        return [(m, i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU))
+                for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not _cpu_inference(inputs[0]):
+            return super().forward(torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0])
+        for conv, relu in self._conv_relus():
+            inputs = (_banded_conv(conv, inputs, relu),)
+        return inputs[0]
+
+
 class MeanShift(nn.Conv2d):
     """A frozen 1x1 convolution: sign * rgb_range * mean is added, then divided by std, per
     channel (EDSR's MeanShift; weight diag(1/std), bias sign * rgb_range * mean / std)."""
@@ -60,8 +120,8 @@ class VGGEmbedding(nn.Module):
     def __init__(self):
         super().__init__()
         self.sub_mean = MeanShift(1.0, IMAGENET_MEAN, IMAGENET_STD)
-        self.model = nn.Sequential(conv(3, 64, 3), nn.ReLU(inplace=True), conv(64, 64, 3),
-                                   nn.ReLU(inplace=True))
+        self.model = ConvChain(conv(3, 64, 3), nn.ReLU(inplace=True), conv(64, 64, 3),
+                               nn.ReLU(inplace=True))
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +172,7 @@ class GraphAggregation(nn.Module):
         super().__init__()
         self.scale, self.k, self.patch, self.stride, self.window = scale, k, patch_size, stride, window
         self.checkpoint = checkpoint
-        self.knn_downsample = nn.Sequential(  # DEN: HR -> LR, shared over ranks
+        self.knn_downsample = ConvChain(  # DEN: HR -> LR, shared over ranks
             conv_block(n_feats, n_feats, 5, stride=scale, relu=True),
             conv_block(n_feats, n_feats, 3, relu=True),
             conv_block(n_feats, n_feats, 3))

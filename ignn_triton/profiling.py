@@ -12,7 +12,7 @@ A stage is a module or a block of code:
   on, global module hooks (installed by enable_nvtx, removed by enable_nvtx(False)) put
   every call of a tagged module in a range of its name, with its positional inputs and its
   output marked for the backward range. IGNN's stages are its modules (model.py); the glue
-  between them (the mean shifts, torch.cat, the skip addition) runs outside any range.
+  between them (the mean shifts, the skip addition) runs outside any range.
   (torch.compile(model) warns that global hooks also fire for its wrapper module: untagged,
   it opens no range.)
 - `with stage(name) as st:` around a block, marking its tensors by hand (the graph
@@ -37,12 +37,13 @@ Where the inputs' node never runs (no input requires grad, as for the head on an
 the ECN on edge features, or a partial backward such as autograd.grad to an inner tensor),
 the range is closed by the next marker that runs on the same thread, else at the end of the
 backward pass: it then also spans the ops recorded between this stage and the one before
-it (glue such as torch.cat outside any stage), or, at the end, the accumulation of the last
-parameter gradients. Every opened range is closed once (a backward that raises skips the
-end-of-pass close: its last range then closes at the next marker on the thread). Backward
-ranges are NVTX start/end ranges, not push/pop: they begin and end inside different
-autograd nodes, whose own ranges (under emit_nvtx) a push/pop pair would break. Stages must
-not nest (none does): an inner stage's backward would end the outer one's range.
+it (glue such as the skip addition outside any stage), or, at the end, the accumulation of
+the last parameter gradients. Every opened range is closed once (a backward that raises
+skips the end-of-pass close: its last range then closes at the next marker on the thread).
+Backward ranges are NVTX start/end ranges, not push/pop: they begin and end inside
+different autograd nodes, whose own ranges (under emit_nvtx) a push/pop pair would break.
+Stages must not nest (none does): an inner stage's backward would end the outer one's
+range.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The IGNN and EDSR modules: shapes, sizes, errors, and GA wiring against reference/."""
 import pytest
 import torch
+import torch.nn as nn
 
 import ignn_triton.reference as R
 from ignn_triton import EDSR, IGNN, imresize
@@ -201,3 +202,36 @@ def test_banded_hr_stage_is_bit_identical(monkeypatch, scale):
     halo = model.hr_halo()
     assert len(calls) == 3 and calls[0] == 16 + halo and calls[1] == 16 + 2 * halo
     assert torch.equal(banded, whole)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 2), (5, 3), (5, 4), (1, 1)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, rows):
+    """In CPU inference a ConvChain runs each convolution in bands of output rows (`rows`
+    here), the first on the concatenation of its inputs made a band at a time, the top
+    and bottom bands with the convolution's own padding; the result is the Sequential's
+    on the whole concatenated map, within fp32 rounding (oneDNN may pick another kernel
+    for a band's shape than for the map's)."""
+    from ignn_triton import modules
+
+    torch.manual_seed(kernel * 10 + stride + rows)
+    chain = modules.ConvChain(modules.conv_block(7, 6, kernel, stride, relu=True),
+                              modules.conv(6, 5, 3), nn.ReLU(inplace=True), modules.conv(5, 4, 3))
+    a, b = torch.randn(2, 4, 23, 11), torch.randn(2, 3, 23, 11)
+    whole = nn.Sequential.forward(chain, torch.cat([a, b], 1))
+    bands = []
+    real_conv2d = modules.F.conv2d
+    monkeypatch.setattr(modules.F, "conv2d", lambda x, *args: bands.append(x.shape) or
+                        real_conv2d(x, *args))
+    out_width = (11 - 1) // stride + 1
+    monkeypatch.setattr(modules, "_CPU_CONV_BAND_ELEMENTS", rows * 2 * 6 * out_width)
+    with torch.no_grad():
+        banded = chain(a, b)
+    out_rows = (23 - 1) // stride + 1
+    first = [shape for shape in bands if shape[1] == 7]
+    assert len(first) == -(-out_rows // rows) > 1 and all(shape[0] == 2 for shape in first)
+    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
+    bands.clear()
+    with torch.enable_grad():  # training: the Sequential itself, on the concatenation
+        torch.testing.assert_close(chain(a, b), whole, rtol=0, atol=0)
+    assert [shape[2] for shape in bands] == [23, out_rows, out_rows]
