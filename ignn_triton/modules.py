@@ -36,21 +36,27 @@ def _cpu_inference(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _banded_conv(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool) -> torch.Tensor:
-    """relu?(conv(cat(inputs, 1))) computed in bands of output rows, each from its own rows
-    of the inputs, into one output map. oneDNN reorders a convolution's input and output
-    to its blocked layout; a band's stay in cache where a whole map's do not. The bands at
-    the map's top and bottom take the convolution's own zero padding (and drop the rows it
-    makes beyond the band), the others none. Bit-identical to the whole-map convolution."""
+def _out_rows(conv: nn.Conv2d, rows: int) -> int:
+    return (rows + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+
+
+def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
+    """relu?(conv(cat(inputs, 1))) in bands of output rows: yields (r0, r1, rows r0 .. r1 - 1
+    of the output), each computed from its own rows of the inputs (concatenated per band).
+    oneDNN reorders a convolution's input and output to its blocked layout; a band's stay
+    in cache where a whole map's do not. The bands at the map's top and bottom take the
+    convolution's own zero padding (and drop the rows it makes beyond the band), the
+    others none. The values are the whole-map convolution's (bit for bit where oneDNN
+    picks the same kernel for a band's shape as for the map's, as at the model's sizes)."""
     x = inputs[0]
     B, _, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = _out_rows(conv, H), (W + 2 * pw - kw) // sw + 1
     rows = max(1, _CPU_CONV_BAND_ELEMENTS // (B * conv.out_channels * Wo))
     if rows >= Ho:
         y = conv(torch.cat(inputs, 1) if len(inputs) > 1 else x)
-        return y.relu_() if relu else y
-    out = x.new_empty(B, conv.out_channels, Ho, Wo)
+        yield 0, Ho, y.relu_() if relu else y
+        return
     lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
     for r0 in range(0, Ho, rows):
         r1 = min(Ho, r0 + rows)
@@ -65,14 +71,25 @@ def _banded_conv(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool) 
         band = torch.cat(band, 1) if len(band) > 1 else band[0]
         y = F.conv2d(band, conv.weight, conv.bias, conv.stride, (pad, pw))
         y = y[:, :, first: first + r1 - r0]
-        out[:, :, r0:r1] = y.relu_() if relu else y
+        yield r0, r1, y.relu_() if relu else y
+
+
+def _banded_conv(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool) -> torch.Tensor:
+    """relu?(conv(cat(inputs, 1))) computed in bands (_conv_bands), into one output map."""
+    rows, out = _out_rows(conv, inputs[0].shape[2]), None
+    for r0, r1, y in _conv_bands(conv, inputs, relu):
+        if r1 - r0 == rows:
+            return y
+        if out is None:
+            out = y.new_empty(y.shape[0], y.shape[1], rows, y.shape[3])
+        out[:, :, r0:r1] = y
     return out
 
 
 class ConvChain(nn.Sequential):
     """Convolutions, each optionally followed by a ReLU (flat, or in conv_blocks), applied
     to the channel concatenation of the inputs: forward(*inputs) is the Sequential on
-    cat(inputs, 1). In CPU inference each convolution runs in bands of rows (_banded_conv)
+    cat(inputs, 1). In CPU inference each convolution runs in bands of rows (_conv_bands)
     and the concatenation is made a band at a time, never as a whole map."""
 
     def _conv_relus(self) -> list[tuple[nn.Conv2d, bool]]:
@@ -86,6 +103,27 @@ class ConvChain(nn.Sequential):
         for conv, relu in self._conv_relus():
             inputs = (_banded_conv(conv, inputs, relu),)
         return inputs[0]
+
+    def add_weighted(self, total: torch.Tensor | None, weight: torch.Tensor,
+                     *inputs: torch.Tensor) -> torch.Tensor:
+        """total + weight * self(*inputs) (weight * self(*inputs) if total is None), in CPU
+        inference: the last convolution's bands are weighted and added into `total` as they
+        come, so its output is never a whole map (the same ops, elementwise, as the
+        expression)."""
+        *layers, (conv, relu) = self._conv_relus()
+        for layer, layer_relu in layers:
+            inputs = (_banded_conv(layer, inputs, layer_relu),)
+        fresh = total is None
+        for r0, r1, y in _conv_bands(conv, inputs, relu):
+            w = weight[:, :, r0:r1]
+            if fresh:
+                if total is None:
+                    total = y.new_empty(y.shape[0], y.shape[1],
+                                        _out_rows(conv, inputs[0].shape[2]), y.shape[3])
+                torch.mul(w, y, out=total[:, :, r0:r1])
+            else:
+                total[:, :, r0:r1] += w * y
+        return total
 
 
 class MeanShift(nn.Conv2d):
@@ -255,12 +293,14 @@ class GraphAggregation(nn.Module):
         training memory free of knn_hr, accumulates 16-bit F's ranks unrounded, and is the
         GPU path measured on a GPU."""
         w_hr = torch.softmax(logits_hr.to(feat.dtype), 1)  # (B, k, sH, sW), as the fused op
-        x1_hr = x1_lr = 0
+        x1_hr, x1_lr = 0, None
         for r in range(self.k):  # every rank's knn_hr in the first one's memory
             knn_hr = self._aggregate_rank(feat, idx[:, :, r:r + 1], query, key,
                                           out=None if r == 0 else knn_hr.unsqueeze(1))
             with stage("ignn/aggregate"):  # rank 0 needs no zeroed map: 0 + a * b == a * b
                 x1_hr = (knn_hr * w_hr[:, :1] if r == 0
                          else x1_hr.addcmul_(knn_hr, w_hr[:, r:r + 1]))
-            x1_lr = x1_lr + self._den(knn_hr, w_lr[:, r:r + 1])
+            with stage("ignn/den"):  # x1_lr + w * DEN(knn_hr), a band at a time
+                x1_lr = self.knn_downsample.add_weighted(x1_lr, w_lr[:, r:r + 1].to(knn_hr.dtype),
+                                                         knn_hr)
         return x1_lr, x1_hr

@@ -211,7 +211,8 @@ def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, 
     here), the first on the concatenation of its inputs made a band at a time, the top
     and bottom bands with the convolution's own padding; the result is the Sequential's
     on the whole concatenated map, within fp32 rounding (oneDNN may pick another kernel
-    for a band's shape than for the map's)."""
+    for a band's shape than for the map's). add_weighted adds the weighted last layer
+    into a sum band by band."""
     from ignn_triton import modules
 
     torch.manual_seed(kernel * 10 + stride + rows)
@@ -231,6 +232,11 @@ def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, 
     first = [shape for shape in bands if shape[1] == 7]
     assert len(first) == -(-out_rows // rows) > 1 and all(shape[0] == 2 for shape in first)
     torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
+    weight, total = torch.rand(2, 1, *banded.shape[2:]), torch.randn(banded.shape)
+    with torch.no_grad():  # weighted sums of the last layer's bands: the same elementwise ops
+        assert torch.equal(chain.add_weighted(None, weight, a, b), weight * banded)
+        assert torch.equal(chain.add_weighted(total.clone(), weight, a, b),
+                           total + weight * banded)
     bands.clear()
     with torch.enable_grad():  # training: the Sequential itself, on the concatenation
         torch.testing.assert_close(chain(a, b), whole, rtol=0, atol=0)
