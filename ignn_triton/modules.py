@@ -57,6 +57,7 @@ def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
         y = conv(torch.cat(inputs, 1) if len(inputs) > 1 else x)
         yield 0, Ho, y.relu_() if relu else y
         return
+    rows = -(-Ho // -(-Ho // rows))  # the fewest bands of at most `rows`, evened out
     lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
     for r0 in range(0, Ho, rows):
         r1 = min(Ho, r0 + rows)
