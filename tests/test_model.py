@@ -241,3 +241,24 @@ def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, 
     with torch.enable_grad():  # training: the Sequential itself, on the concatenation
         torch.testing.assert_close(chain(a, b), whole, rtol=0, atol=0)
     assert [shape[2] for shape in bands] == [23, out_rows, out_rows]
+
+
+def test_banded_hr_stage_with_banded_convolutions_is_bit_identical(monkeypatch):
+    """At the model's width (C = 64) fuse_up's convolutions run in bands of their own
+    (ConvChain) inside each band of the HR stage, with other band edges than in the whole
+    stage's; the output is still the whole stage's bit for bit."""
+    from ignn_triton import model as model_module, modules
+
+    torch.manual_seed(0)
+    model = IGNN(scale=4, n_feats=64, n_resblocks=2).eval()
+    x = torch.rand(1, 3, 40, 160)
+    bands = []
+    real_conv2d = modules.F.conv2d
+    monkeypatch.setattr(modules.F, "conv2d", lambda x, *args, **kwargs:
+                        bands.append(tuple(x.shape[1:3])) or real_conv2d(x, *args, **kwargs))
+    with torch.no_grad():
+        whole = model(x)  # one HR band
+        assert {(128, 21), (128, 22)} <= set(bands)  # fuse_up: 80 rows at 2x, 4 bands of 20
+        monkeypatch.setattr(model_module, "_HR_BAND_BYTES", 1)  # bands of 16 LR rows
+        banded = model(x)
+    assert torch.equal(banded, whole)
