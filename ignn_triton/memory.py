@@ -104,8 +104,10 @@ def _swapped(*changes):
 
 
 def _gpu_paths():
-    """The ECN on whole maps, as it runs on the GPU (modules._banded bands only CPU maps)."""
-    return _swapped((modules, "_banded", _whole))
+    """The ECN and the ConvChains on whole maps and the graph aggregation's fused x1_hr op,
+    as they run on the GPU (modules._banded, ConvChain and GraphAggregation._ranks_once
+    are for CPU maps)."""
+    return _swapped((modules, "_banded", _whole), (modules, "_cpu_inference", _never))
 
 
 def _cpu_paths_visible():
@@ -193,12 +195,18 @@ def _whole(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net(x)
 
 
+def _never(x: torch.Tensor) -> bool:
+    return False
+
+
 def estimate_memory(model: torch.nn.Module, height: int, width: int,
                     dtype: torch.dtype = torch.float32, device="cpu", batch: int = 1) -> int:
     """Predicted peak bytes that one inference forward of `model` (IGNN or EDSR) on a
     (batch, 3, height, width) image allocates above its input and weights, with reduced
     precision `dtype` run as autocast (as `Upscaler` does) on `device` ("cpu" or "cuda").
-    Nothing of the model is changed; about a second at LR 512 x 512 on a 2-core CPU.
+    Nothing of the model is changed. About a second at LR 512 x 512 and 4 s at 1500 x 1500
+    on a 2-core CPU: on fake tensors the k-NN runs a few of its tiles and a ConvChain a few
+    of its bands (they allocate alike), and the ECN one band (`_one_band`).
 
     On the CPU it is checked against measured peaks (tests/test_memory.py). On CUDA the
     replay runs on CPU fake tensors with the custom ops' fake implementations (the Triton

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops
 from .profiling import stage
@@ -59,7 +60,10 @@ def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
         return
     rows = -(-Ho // -(-Ho // rows))  # the fewest bands of at most `rows`, evened out
     lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
-    for r0 in range(0, Ho, rows):
+    starts = range(0, Ho, rows)
+    if is_fake(x):  # a memory estimate: every band allocates alike; the first and last do
+        starts = sorted({starts[0], starts[-1]})
+    for r0 in starts:
         r1 = min(Ho, r0 + rows)
         a0, a1 = sh * r0 - ph, sh * (r1 - 1) - ph + kh  # input rows [a0, a1), maybe outside
         if a0 < 0:  # output row j of the band is row j of the map
@@ -274,8 +278,7 @@ class GraphAggregation(nn.Module):
             key = ops.key_stats(feat_in, s, p, t)  # (B, C, N) each
             query, key = st.outputs(query, key)
         logits_hr = F.interpolate(logits_hr, scale_factor=s, mode="nearest")  # (B, k, sH, sW)
-        if (feat.device.type == "cpu" and not torch.is_grad_enabled()
-                and feat.dtype in (torch.float32, torch.float64)):
+        if _cpu_inference(feat) and feat.dtype in (torch.float32, torch.float64):
             return self._ranks_once(feat, idx, query, key, logits_hr, w_lr)
         with stage("ignn/aggregate") as st:
             *inputs, logits_hr = st.inputs(feat, idx, query, key, logits_hr)

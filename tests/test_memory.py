@@ -86,6 +86,38 @@ def test_estimate_covers_the_peak_rss_of_a_fresh_process():
     assert 0.7 * predicted <= measured <= predicted, (measured, predicted)
 
 
+def test_estimate_replays_a_few_tiles_and_bands_for_all_of_them(monkeypatch):
+    """On fake tensors the k-NN runs its first, a middle and its last tile of each axis and a
+    ConvChain its first and last band: the estimate equals the replay of every tile and
+    band (here 3 x 3 k-NN tiles and 2-5 bands per convolution) in a fraction of the time."""
+    from ignn_triton import modules, torch_backend
+
+    model = IGNN(scale=4, n_feats=64, n_resblocks=2).eval()
+    sampled = estimate_memory(model, 96, 96)
+    tiles, bands = [], []
+    monkeypatch.setattr(torch_backend, "_first_middle_last",
+                        lambda starts: tiles.append(len(starts)) or list(starts))
+    monkeypatch.setattr(modules, "is_fake", lambda t: bands.append(t.shape) or False)
+    assert estimate_memory(model, 96, 96) == sampled
+    assert tiles == [3, 3] and len(bands) > 10
+
+
+def test_cuda_estimate_takes_the_gpu_paths(monkeypatch):
+    """A CUDA estimate replays on CPU fake tensors, but the model as it runs on a GPU: no
+    convolution in bands, the fused x1_hr op instead of the CPU's rank loop."""
+    from ignn_triton import modules
+
+    calls = []
+    bands, ranks_once = modules._conv_bands, modules.GraphAggregation._ranks_once
+    monkeypatch.setattr(modules, "_conv_bands",
+                        lambda *a: calls.append("bands") or bands(*a))
+    monkeypatch.setattr(modules.GraphAggregation, "_ranks_once",
+                        lambda *a: calls.append("ranks") or ranks_once(*a))
+    model = IGNN(scale=4, n_feats=64, n_resblocks=2).eval()
+    assert estimate_memory(model, 96, 96, device="cuda") > 0 and calls == []
+    assert estimate_memory(model, 96, 96) > 0 and {"bands", "ranks"} <= set(calls)
+
+
 def test_estimate_grows_with_the_image_and_leaves_the_model_alone():
     model = IGNN(scale=2, n_feats=8, n_resblocks=2, window=4).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -206,19 +206,21 @@ def test_banded_hr_stage_is_bit_identical(monkeypatch, scale):
 
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 2), (5, 3), (5, 4), (1, 1)])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, rows):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, rows, dtype, tol):
     """In CPU inference a ConvChain runs each convolution in bands of output rows (`rows`
     here), the first on the concatenation of its inputs made a band at a time, the top
     and bottom bands with the convolution's own padding; the result is the Sequential's
-    on the whole concatenated map, within fp32 rounding (oneDNN may pick another kernel
-    for a band's shape than for the map's). add_weighted adds the weighted last layer
+    on the whole concatenated map, within rounding (oneDNN may pick another kernel for a
+    band's shape than for the map's). add_weighted adds the weighted last layer
     into a sum band by band."""
     from ignn_triton import modules
 
     torch.manual_seed(kernel * 10 + stride + rows)
     chain = modules.ConvChain(modules.conv_block(7, 6, kernel, stride, relu=True),
-                              modules.conv(6, 5, 3), nn.ReLU(inplace=True), modules.conv(5, 4, 3))
-    a, b = torch.randn(2, 4, 23, 11), torch.randn(2, 3, 23, 11)
+                              modules.conv(6, 5, 3), nn.ReLU(inplace=True),
+                              modules.conv(5, 4, 3)).to(dtype)
+    a, b = torch.randn(2, 4, 23, 11, dtype=dtype), torch.randn(2, 3, 23, 11, dtype=dtype)
     whole = nn.Sequential.forward(chain, torch.cat([a, b], 1))
     bands = []
     real_conv2d = modules.F.conv2d
@@ -231,8 +233,8 @@ def test_conv_chain_in_bands_equals_the_sequential(monkeypatch, kernel, stride, 
     out_rows = (23 - 1) // stride + 1
     first = [shape for shape in bands if shape[1] == 7]
     assert len(first) == -(-out_rows // rows) > 1 and all(shape[0] == 2 for shape in first)
-    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
-    weight, total = torch.rand(2, 1, *banded.shape[2:]), torch.randn(banded.shape)
+    torch.testing.assert_close(banded, whole, rtol=tol, atol=tol)
+    weight, total = torch.rand(2, 1, *banded.shape[2:], dtype=dtype), torch.randn_like(banded)
     with torch.no_grad():  # weighted sums of the last layer's bands: the same elementwise ops
         assert torch.equal(chain.add_weighted(None, weight, a, b), weight * banded)
         assert torch.equal(chain.add_weighted(total.clone(), weight, a, b),
