@@ -61,7 +61,7 @@ def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
     rows = -(-Ho // -(-Ho // rows))  # the fewest bands of at most `rows`, evened out
     lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
     starts = range(0, Ho, rows)
-    if is_fake(x):  # a memory estimate: every band allocates alike; the first and last do
+    if is_fake(x):  # a memory estimate: the first and last bands allocate as all the others
         starts = sorted({starts[0], starts[-1]})
     for r0 in starts:
         r1 = min(Ho, r0 + rows)
