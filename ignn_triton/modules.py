@@ -30,6 +30,7 @@ def conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: in
 
 
 _CPU_CONV_BAND_ELEMENTS = 1 << 19  # output elements per band of a ConvChain layer on the CPU
+_CPU_CONV_WHOLE_ELEMENTS = 1 << 20  # and up to which its output is made whole (cache-sized)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
@@ -47,14 +48,16 @@ def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
     oneDNN reorders a convolution's input and output to its blocked layout; a band's stay
     in cache where a whole map's do not. The bands at the map's top and bottom take the
     convolution's own zero padding (and drop the rows it makes beyond the band), the
-    others none. The values are the whole-map convolution's (bit for bit where oneDNN
-    picks the same kernel for a band's shape as for the map's, as at the model's sizes)."""
+    others none. An output of up to _CPU_CONV_WHOLE_ELEMENTS is one band: it fits in cache,
+    and bands would cost a copy of each one's input and output. The values are the
+    whole-map convolution's (bit for bit where oneDNN picks the same kernel for a band's
+    shape as for the map's, as at the model's sizes)."""
     x = inputs[0]
     B, _, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     Ho, Wo = _out_rows(conv, H), (W + 2 * pw - kw) // sw + 1
     rows = max(1, _CPU_CONV_BAND_ELEMENTS // (B * conv.out_channels * Wo))
-    if rows >= Ho:
+    if rows >= Ho or B * conv.out_channels * Ho * Wo <= _CPU_CONV_WHOLE_ELEMENTS:
         y = conv(torch.cat(inputs, 1) if len(inputs) > 1 else x)
         yield 0, Ho, y.relu_() if relu else y
         return
