@@ -194,3 +194,16 @@ _cached_geometry = functools.lru_cache(maxsize=1024)(_graph_geometry)
 def window_start(query: int, scale: int, window: int, son_count: int) -> int:
     """First son-grid row (or column) of the window of query row (or column) `query`."""
     return min(max(query // scale - window // 2, 0), son_count - window)
+
+
+def even_step(total: int, most: int) -> int:
+    """The step that cuts `total` into the fewest pieces of at most `most`, of nearly equal
+    size (the last smaller by less than their number): channel chunks and row bands of the
+    CPU paths, so that no piece is a thin remainder."""
+    return -(-total // -(-total // most))
+
+
+def estimate_starts(starts: range) -> list[int]:
+    """The first, a middle and the last of a loop's tile or band starts: what a memory
+    estimate (fake tensors) replays, since every tile or band allocates like one of them."""
+    return sorted({starts[0], starts[len(starts) // 2], starts[-1]})

@@ -8,6 +8,7 @@ import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import is_fake
 
 from . import ops
+from .geometry import estimate_starts, even_step
 from .profiling import stage
 
 EDSR_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -61,11 +62,11 @@ def _conv_bands(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], relu: bool):
         y = conv(torch.cat(inputs, 1) if len(inputs) > 1 else x)
         yield 0, Ho, y.relu_() if relu else y
         return
-    rows = -(-Ho // -(-Ho // rows))  # the fewest bands of at most `rows`, evened out
+    rows = even_step(Ho, rows)
     lead = -(-ph // sh)  # output rows of a bottom band above its first, to align its padding
     starts = range(0, Ho, rows)
-    if is_fake(x):  # a memory estimate: the first and last bands allocate as all the others
-        starts = sorted({starts[0], starts[-1]})
+    if is_fake(x):  # a memory estimate
+        starts = estimate_starts(starts)
     for r0 in starts:
         r1 = min(Ho, r0 + rows)
         a0, a1 = sh * r0 - ph, sh * (r1 - 1) - ph + kh  # input rows [a0, a1), maybe outside
@@ -123,14 +124,14 @@ class ConvChain(nn.Sequential):
             inputs = (_banded_conv(layer, inputs, layer_relu),)
         fresh = total is None
         for r0, r1, y in _conv_bands(conv, inputs, relu):
-            w = weight[:, :, r0:r1]
+            if total is None:
+                total = y.new_empty(y.shape[0], y.shape[1],
+                                    _out_rows(conv, inputs[0].shape[2]), y.shape[3])
+            w, band = weight[:, :, r0:r1], total[:, :, r0:r1]
             if fresh:
-                if total is None:
-                    total = y.new_empty(y.shape[0], y.shape[1],
-                                        _out_rows(conv, inputs[0].shape[2]), y.shape[3])
-                torch.mul(w, y, out=total[:, :, r0:r1])
+                torch.mul(w, y, out=band)
             else:
-                total[:, :, r0:r1] += w * y
+                band += w * y
         return total
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from .geometry import EPS, GraphGeometry, PatchGrid
+from .geometry import EPS, GraphGeometry, PatchGrid, estimate_starts, even_step
 
 # Bound on the elements of a channel chunk's buffers in the aggregation: 16 MiB in fp32,
 # under glibc's 32 MiB ceiling for serving a block from the heap, so that every chunk and
@@ -89,10 +89,6 @@ def _window_axis(geo: GraphGeometry, axis: int, first: int, last: int):
     return starts, starts[0], starts[-1] + window
 
 
-def _first_middle_last(starts: range) -> list[int]:
-    return sorted({starts[0], starts[len(starts) // 2], starts[-1]})
-
-
 def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, geo: GraphGeometry):
     """dist (B, M, k) float32, idx (B, M, k) int64 (ops.patch_knn). Square tiles of KNN_TILE
     x KNN_TILE queries: one matmul gives their distances (|q|^2 + |key|^2 - 2 q.key) to the
@@ -108,8 +104,8 @@ def patch_knn(ye: torch.Tensor, xe: torch.Tensor, k: int, geo: GraphGeometry):
     dist = torch.empty(B, geo.m1, geo.m2, k, dtype=torch.float32, device=dev)
     idx = torch.empty(B, geo.m1, geo.m2, k, dtype=torch.int64, device=dev)
     tile_rows, tile_cols = range(0, geo.m1, KNN_TILE), range(0, geo.m2, KNN_TILE)
-    if is_fake(ye):  # a memory estimate: a first, middle and last tile allocate as the rest
-        tile_rows, tile_cols = _first_middle_last(tile_rows), _first_middle_last(tile_cols)
+    if is_fake(ye):  # a memory estimate
+        tile_rows, tile_cols = estimate_starts(tile_rows), estimate_starts(tile_cols)
     for i0 in tile_rows:
         i1 = min(geo.m1, i0 + KNN_TILE)
         row_starts, r0, r1 = _window_axis(geo, 0, i0, i1)
@@ -305,7 +301,7 @@ def cpu_chunks(geo: GraphGeometry, C: int) -> tuple[int, int]:
     ps, ts, X = geo.hr_patch, geo.hr_stride, geo.slots - 1
     per_channel = max(geo.num_keys * ps * ps, (geo.m1 + X) * (geo.m2 + X) * ts * ts)
     most = max(1, min(C, CHUNK_ELEMENTS // per_channel))
-    cc = -(-C // -(-C // most))  # the fewest chunks of at most `most` channels, balanced
+    cc = even_step(C, most)
     return cc, max(1, min(geo.m1, GATHER_ELEMENTS // max(1, geo.m2 * cc * ps * ps)))
 
 

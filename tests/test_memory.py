@@ -88,14 +88,14 @@ def test_estimate_covers_the_peak_rss_of_a_fresh_process():
 
 def test_estimate_replays_a_few_tiles_and_bands_for_all_of_them(monkeypatch):
     """On fake tensors the k-NN runs its first, a middle and its last tile of each axis and a
-    ConvChain its first and last band: the estimate equals the replay of every tile and
+    ConvChain its first, a middle and its last band: the estimate equals the replay of every tile and
     band (here 5 x 5 k-NN tiles and 4-13 bands per convolution) in a fraction of the time."""
     from ignn_triton import modules, torch_backend
 
     model = IGNN(scale=4, n_feats=64, n_resblocks=2).eval()
     sampled = estimate_memory(model, 160, 160)
     tiles, bands = [], []
-    monkeypatch.setattr(torch_backend, "_first_middle_last",
+    monkeypatch.setattr(torch_backend, "estimate_starts",
                         lambda starts: tiles.append(len(starts)) or list(starts))
     monkeypatch.setattr(modules, "is_fake", lambda t: bands.append(t.shape) or False)
     assert estimate_memory(model, 160, 160) == sampled
